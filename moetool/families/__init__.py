@@ -1,0 +1,212 @@
+"""Model families as data.
+
+Each ``*.json`` file beside this module describes one MoE family, in the spirit of mergekit's
+per-architecture files: which config fields mean what, which layers are MoE, and every tensor
+of the on-disk layout as a name template (``{L}`` = layer, ``{E}`` = expert) with its shape
+written as an expression over the config. Counting, header classification, checkpoint
+surgery and module lookup are generic code driven by these files, so adding a family is one
+new JSON file (and one test).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from moetool.errors import MoetoolError
+from moetool.expr import evaluate
+
+ROLES = (
+    "embeddings",
+    "attention",
+    "router",
+    "routed_experts",
+    "shared_experts",
+    "dense_mlp",
+    "norms",
+    "lm_head",
+)
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a model as a family spec lays it out on disk."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    layer: int | None = None
+    expert: int | None = None
+    mtp: bool = False
+    spec: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a tensor name on disk is, by the family's templates."""
+
+    role: str
+    layer: int | None
+    expert: int | None
+    template: str
+
+
+class ResolvedConfig:
+    """A config with the family's defaults and derived names applied.
+
+    ``names`` is what shape expressions see; the canonical fields (``num_layers``,
+    ``num_experts``, ``top_k``, ...) are attributes.
+    """
+
+    def __init__(self, family: "Family", raw: dict):
+        self.family = family
+        self.raw = raw
+        names: dict[str, Any] = dict(raw)
+        for key, default in family.spec.get("defaults", {}).items():
+            if names.get(key, _MISSING) in (_MISSING, None):
+                names[key] = evaluate(default, names) if isinstance(default, str) else default
+        for key, expr in family.spec.get("derived", {}).items():
+            names[key] = evaluate(expr, names)
+        self.names = names
+        self.fields = {key: evaluate(expr, names) for key, expr in family.spec["fields"].items()}
+
+    def __getattr__(self, key: str) -> Any:
+        fields = self.__dict__.get("fields", {})
+        if key in fields:
+            return fields[key]
+        raise AttributeError(key)
+
+    @property
+    def mtp_layers(self) -> int:
+        return int(self.fields.get("mtp_layers", 0) or 0)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if not self.num_experts:
+            return False
+        return bool(evaluate(self.family.spec["is_moe_layer"], {**self.names, "L": layer}))
+
+    @cached_property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+
+class Family:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.name: str = spec["name"]
+
+    def __repr__(self) -> str:
+        return f"Family({self.name})"
+
+    @property
+    def description(self) -> str:
+        return self.spec.get("description", "")
+
+    @property
+    def transformers_model_type(self) -> str:
+        return self.spec.get("transformers_model_type", self.name)
+
+    @property
+    def runtime_layouts(self) -> list[dict]:
+        return self.spec["runtime"]["layouts"]
+
+    def resolve(self, config: dict) -> ResolvedConfig:
+        return ResolvedConfig(self, config)
+
+    # -- tensor enumeration -------------------------------------------------------------
+    def _expand(self, group: str, rc: ResolvedConfig, layer: int | None, expert: int | None, mtp: bool):
+        scope = {**rc.names, "L": layer, "E": expert}
+        for spec in self.spec["tensors"].get(group, []):
+            if "when" in spec and not evaluate(spec["when"], scope):
+                continue
+            shape = tuple(int(evaluate(d, scope)) for d in spec["shape"])
+            name = spec["name"].replace("{L}", str(layer)).replace("{E}", str(expert))
+            yield TensorInfo(name, shape, spec["role"], layer, expert, mtp, spec)
+
+    def layer_tensors(self, rc: ResolvedConfig, layer: int, mtp: bool = False) -> Iterator[TensorInfo]:
+        yield from self._expand("layer", rc, layer, None, mtp)
+        if rc.is_moe_layer(layer):
+            yield from self._expand("moe_layer", rc, layer, None, mtp)
+            for e in range(rc.num_experts):
+                yield from self._expand("expert", rc, layer, e, mtp)
+        else:
+            yield from self._expand("dense_layer", rc, layer, None, mtp)
+        if mtp:
+            yield from self._expand("mtp_layer", rc, layer, None, mtp)
+
+    def tensors(self, rc: ResolvedConfig, include_mtp: bool = False) -> Iterator[TensorInfo]:
+        """Every tensor of the main model (and optionally the MTP layers), in on-disk names."""
+        yield from self._expand("model", rc, None, None, False)
+        for layer in range(rc.num_layers):
+            yield from self.layer_tensors(rc, layer)
+        if include_mtp:
+            for i in range(rc.mtp_layers):
+                yield from self.layer_tensors(rc, rc.num_layers + i, mtp=True)
+
+    # -- name classification --------------------------------------------------------------
+    @cached_property
+    def _patterns(self) -> list[tuple[re.Pattern, str, str]]:
+        templates = [t for group in self.spec["tensors"].values() for t in group]
+        templates += self.spec.get("aliases", [])
+        out = []
+        for t in templates:
+            rx = re.escape(t["name"]).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+            out.append((re.compile(rx + "$"), t["role"], t["name"]))
+        return out
+
+    def classify(self, name: str) -> Match | None:
+        for rx, role, template in self._patterns:
+            m = rx.match(name)
+            if m:
+                groups = m.groupdict()
+                layer = int(groups["L"]) if groups.get("L") is not None else None
+                expert = int(groups["E"]) if groups.get("E") is not None else None
+                return Match(role, layer, expert, template)
+        return None
+
+
+@lru_cache(maxsize=1)
+def all_families() -> dict[str, Family]:
+    out = {}
+    for path in sorted(Path(__file__).parent.glob("*.json")):
+        spec = json.loads(path.read_text())
+        out[spec["name"]] = Family(spec)
+    return out
+
+
+# model_types that are known dense language models: a clear "dense, not MoE" error beats
+# "unknown family" for the most common mistake.
+DENSE_MODEL_TYPES = {
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi", "phi3",
+    "gpt2", "gpt_neox", "olmo", "olmo2", "falcon", "starcoder2", "opt", "bloom", "gptj", "cohere",
+}
+
+
+def family_for_config(config: dict) -> Family:
+    """Pick the family by ``model_type``, then by ``architectures`` (remote-code checkpoints)."""
+    families = all_families().values()
+    model_type = config.get("model_type")
+    for fam in families:
+        if model_type in fam.spec["model_types"]:
+            return fam
+    for arch in config.get("architectures") or []:
+        for fam in families:
+            if arch in fam.spec["architectures"]:
+                return fam
+    if model_type in DENSE_MODEL_TYPES:
+        raise MoetoolError(f"'{model_type}' is a dense model, not a mixture of experts")
+    known = ", ".join(sorted(f.name for f in families))
+    what = model_type or (config.get("architectures") or ["?"])[0]
+    raise MoetoolError(f"unsupported model family '{what}' (known: {known})")
