@@ -1,0 +1,37 @@
+# Two commands set up and run everything on a fresh machine:
+#   make demo   - install into .venv, then run moetool on the bundled fixtures
+#   make test   - install into .venv, then run the fast test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+MOETOOL := $(VENV)/bin/moetool
+# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test test-all fixtures trained-fixtures bench docs clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_PIN)
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(MOETOOL) params mixtral
+	$(MOETOOL) params fixtures/tiny-deepseek-v3
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+fixtures: install
+	$(PY) fixtures/make_tiny.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
