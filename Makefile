@@ -35,3 +35,6 @@ fixtures: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+bench: install
+	$(PY) bench/run.py

@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from typing import Iterable
 
-from moetool.families import ROLES, Family, ResolvedConfig, TensorInfo
+from moetool.families import ROLES, Family, ResolvedConfig
 
 # Linear weights that weight-only quantization (fp8, 4-bit) converts; embeddings, LM head,
 # routers and norms stay in bf16, as in DeepSeek's fp8 release and bitsandbytes' defaults.
@@ -28,18 +28,19 @@ def _nf4_bytes(numel: int) -> int:
     return math.ceil(numel / 2) + 4 * math.ceil(numel / NF4_BLOCK) + 64
 
 
-def weight_memory(tensors: Iterable[tuple[tuple[int, ...], str]]) -> dict:
-    """Bytes of the weights at bf16, fp8 (block-scaled) and 4-bit (NF4), given (shape, role)."""
+def weight_memory(tensors: Iterable[tuple[tuple[int, ...], str, int]]) -> dict:
+    """Bytes of the weights at bf16, fp8 (block-scaled) and 4-bit (NF4), given
+    (shape, role, multiplicity) triples."""
     bf16 = fp8 = nf4 = 0
-    for shape, role in tensors:
+    for shape, role, times in tensors:
         numel = math.prod(shape)
-        bf16 += 2 * numel
+        bf16 += 2 * numel * times
         if role in QUANTIZED_ROLES and len(shape) >= 2:
-            fp8 += _fp8_bytes(shape)
-            nf4 += _nf4_bytes(numel)
+            fp8 += _fp8_bytes(shape) * times
+            nf4 += _nf4_bytes(numel) * times
         else:
-            fp8 += 2 * numel
-            nf4 += 2 * numel
+            fp8 += 2 * numel * times
+            nf4 += 2 * numel * times
     return {"bf16": bf16, "fp8": fp8, "int4": nf4}
 
 
@@ -146,21 +147,17 @@ def flops_per_token(rc: ResolvedConfig, active_matmul_params: int, context: int)
 def count_config(rc: ResolvedConfig, per_layer: bool = False, context: int = 4096) -> dict:
     """Count a model from its config alone."""
     fam: Family = rc.family
-    tensors: list[TensorInfo] = list(fam.tensors(rc, include_mtp=True))
-    main = [t for t in tensors if not t.mtp]
-    report = summarize(rc, ((t.role, t.numel, t.layer) for t in main), per_layer=per_layer)
-    report["mtp_params"] = sum(t.numel for t in tensors if t.mtp)
+    groups = list(fam.tensor_groups(rc, include_mtp=True))
+    main = [(t, n) for t, n in groups if not t.mtp]
+    report = summarize(rc, ((t.role, t.numel * n, t.layer) for t, n in main), per_layer=per_layer)
+    report["mtp_params"] = sum(t.numel * n for t, n in groups if t.mtp)
     report["scale_params"] = 0
     report["architecture"] = architecture_summary(rc)
-    report["memory"] = weight_memory(_active_memory_inputs(main))
+    report["memory"] = weight_memory((t.shape, t.role, n) for t, n in main)
     report["kv_cache_bytes_per_token"] = kv_cache_per_token(rc)
     report["flops_per_token"] = flops_per_token(rc, _active_matmul(report), context)
     report["warnings"] = []
     return report
-
-
-def _active_memory_inputs(tensors: list[TensorInfo]):
-    return ((t.shape, t.role) for t in tensors)
 
 
 def _active_matmul(report: dict) -> int:

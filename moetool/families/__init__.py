@@ -139,12 +139,33 @@ class Family:
         yield from self._expand("layer", rc, layer, None, mtp)
         if rc.is_moe_layer(layer):
             yield from self._expand("moe_layer", rc, layer, None, mtp)
+            # experts of a layer share shapes: evaluate the templates once, then rename
+            first = list(self._expand("expert", rc, layer, 0, mtp))
             for e in range(rc.num_experts):
-                yield from self._expand("expert", rc, layer, e, mtp)
+                for t in first:
+                    name = t.spec["name"].replace("{L}", str(layer)).replace("{E}", str(e))
+                    yield TensorInfo(name, t.shape, t.role, layer, e, mtp, t.spec)
         else:
             yield from self._expand("dense_layer", rc, layer, None, mtp)
         if mtp:
             yield from self._expand("mtp_layer", rc, layer, None, mtp)
+
+    def tensor_groups(self, rc: ResolvedConfig, include_mtp: bool = False) -> Iterator[tuple[TensorInfo, int]]:
+        """Like ``tensors`` but each expert template once per layer with its multiplicity:
+        the same totals without materialising every expert tensor (DeepSeek-V3 has ~45k)."""
+        yield from ((t, 1) for t in self._expand("model", rc, None, None, False))
+        layers = [(i, False) for i in range(rc.num_layers)]
+        if include_mtp:
+            layers += [(rc.num_layers + i, True) for i in range(rc.mtp_layers)]
+        for layer, mtp in layers:
+            yield from ((t, 1) for t in self._expand("layer", rc, layer, None, mtp))
+            if rc.is_moe_layer(layer):
+                yield from ((t, 1) for t in self._expand("moe_layer", rc, layer, None, mtp))
+                yield from ((t, rc.num_experts) for t in self._expand("expert", rc, layer, 0, mtp))
+            else:
+                yield from ((t, 1) for t in self._expand("dense_layer", rc, layer, None, mtp))
+            if mtp:
+                yield from ((t, 1) for t in self._expand("mtp_layer", rc, layer, None, mtp))
 
     def tensors(self, rc: ResolvedConfig, include_mtp: bool = False) -> Iterator[TensorInfo]:
         """Every tensor of the main model (and optionally the MTP layers), in on-disk names."""

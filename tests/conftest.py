@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+TINY = sorted(p for p in FIXTURES.glob("tiny-*") if p.is_dir())
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess (what a user runs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "moetool.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=ROOT, env=env,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, needle: str = "") -> None:
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(params=TINY, ids=[p.name for p in TINY])
+def tiny_fixture(request) -> Path:
+    return request.param
