@@ -1,0 +1,55 @@
+"""Click options for loading a model, shared by every command that runs one.
+
+    @click.command("prune")
+    @click.argument("model")
+    @loading_options
+    def command(model, load_options, ...):
+        from moetool.loading import load_model
+        loaded = load_model(model, **load_options)
+
+The decorator adds --dtype, --device-map, --max-memory, --offload-folder, --load-in-4bit,
+--load-in-8bit and --trust-remote-code, and hands them to the command as one dict,
+``load_options``, whose keys are ``load_model``'s keyword arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from moetool.loading import DTYPES
+
+OPTION_NAMES = ("dtype", "device_map", "max_memory", "offload_folder", "load_in_4bit", "load_in_8bit",
+                "trust_remote_code")
+
+_OPTIONS = [
+    click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                 help="Weight dtype to load in (auto = the checkpoint's)."),
+    click.option("--device-map", "device_map", default=None, metavar="MAP",
+                 help="auto, balanced, sequential, cpu, cuda:N, a JSON object, or a JSON file of module -> device."),
+    click.option("--max-memory", "max_memory", default=None, metavar="BUDGET",
+                 help="Memory budget per device, e.g. '0=20GiB,cpu=64GiB'; what does not fit is offloaded "
+                      "to disk (implies --device-map auto)."),
+    click.option("--offload-folder", "offload_folder", default=None, type=click.Path(file_okay=False),
+                 help="Where disk-offloaded weights go (default: a temporary directory, removed at exit)."),
+    click.option("--load-in-4bit", "load_in_4bit", is_flag=True,
+                 help="Quantize to 4 bits on load (bitsandbytes NF4, fused experts included)."),
+    click.option("--load-in-8bit", "load_in_8bit", is_flag=True,
+                 help="Quantize to 8 bits on load (bitsandbytes LLM.int8 linear layers, int8 fused experts)."),
+    click.option("--trust-remote-code", "trust_remote_code", is_flag=True,
+                 help="Allow the checkpoint's own Python code to run (off by default)."),
+]
+
+
+def loading_options(func):
+    """Add the loading options to a click command; the command receives ``load_options``."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        load_options = {name: kwargs.pop(name) for name in OPTION_NAMES}
+        return func(*args, load_options=load_options, **kwargs)
+
+    for option in reversed(_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
