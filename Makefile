@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(MOETOOL) params mixtral
 	$(MOETOOL) params fixtures/tiny-deepseek-v3
+	mkdir -p out
+	$(MOETOOL) trace fixtures/trained-mixtral --file fixtures/corpus/heldout-code.txt --max-tokens 2000 \
+		--out out/demo-trace.safetensors --plot out/demo-heatmap.png
+	@echo "demo outputs in out/: demo-trace.safetensors (moetool trace show out/demo-trace.safetensors), demo-heatmap.png"
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
@@ -32,6 +36,11 @@ test-all: install
 
 fixtures: install
 	$(PY) fixtures/make_tiny.py
+
+# the corpus and the two trained fixtures (about 5 minutes each on 2 CPU cores)
+trained-fixtures: install
+	$(PY) fixtures/build_corpus.py
+	$(PY) fixtures/train_tiny.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

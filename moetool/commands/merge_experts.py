@@ -1,0 +1,48 @@
+"""`moetool merge-experts MODEL --out DIR --to N`: merge similar experts, as checkpoint surgery."""
+
+from __future__ import annotations
+
+import click
+
+from moetool.commands._loading_options import loading_options
+
+
+@click.command("merge-experts")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the merged checkpoint to.")
+@click.option("--to", "to", type=int, required=True, metavar="N", help="Experts per MoE layer after merging.")
+@click.option("--similarity", type=click.Choice(["router", "output", "weight"]), default="router", show_default=True,
+              help="How experts are grouped: router-logit or expert-output similarity on the calibration data, "
+                   "or weight similarity.")
+@click.option("--align", is_flag=True, help="Permute each expert's hidden neurons to match its group's dominant "
+                                            "expert before averaging.")
+@click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,
+              help="Usage (and router logits, if recorded with --logits) from a trace file.")
+@click.option("--file", "file", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text to trace (one text per line, or JSONL with a 'text' field).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Calibrate on at most this many tokens.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Texts per forward pass.")
+@click.option("--regroup", is_flag=True,
+              help="Group-limited routing (DeepSeek n_group): turn it off instead of merging within groups.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+@loading_options
+def command(model, out, to, similarity, align, trace, file, max_tokens, batch_size, regroup, force, as_json,
+            load_options) -> None:
+    """Merge MODEL's routed experts down to --to N per layer: group them around the most used
+    experts by similarity, average each group weighted by usage, and write a checkpoint that
+    loads in transformers (shard by shard; --out appears only when complete).
+    """
+    from moetool.merge import merge_checkpoint
+
+    result = merge_checkpoint(model, out, to, similarity=similarity, trace=trace, file=file, max_tokens=max_tokens,
+                              batch_size=batch_size, align=align, regroup=regroup, force=force,
+                              load_options=load_options, progress=not as_json)
+    if as_json:
+        from moetool.render import print_json
+
+        print_json(result)
+    else:
+        from moetool.render.prune import render_merge
+
+        render_merge(result)

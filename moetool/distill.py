@@ -1,0 +1,816 @@
+"""`moetool distill`: knowledge distillation of a MoE teacher into its dense sibling.
+
+``distill(model, out, files, ...)`` is the one entry point; it returns plain data (the run's
+settings, the training curve, held-out evaluations, timings) and writes a checkpoint that
+transformers loads without moetool.
+
+Pipeline (see docs/distill.md):
+
+1. refuse what cannot work before loading anything (a family without a dense sibling, an
+   existing ``--out`` without ``--force``, unreadable text, inconsistent options);
+2. load the teacher (``moetool.loading.load_model``) and tokenize the text into ``--seq-len``
+   blocks;
+3. build the student from the teacher's config (``moetool.distill_init``), copy embeddings,
+   attention, norms and head, and initialise the MLPs (``--init merge|topk|random``) from
+   routing usage measured on the text (or a ``--trace``);
+4. train with ``accelerate``: AdamW, linear warm-up then cosine decay, gradient accumulation,
+   loss = T^2 KL(teacher_T || student_T) (+ ``--hidden-loss`` W x normalised MSE between the
+   two models' hidden states after every layer). Launched with ``accelerate launch`` (or
+   torchrun) the same code runs data-parallel (DDP, or FSDP from the accelerate config); only
+   the main process writes;
+5. optionally the teacher runs once: ``--cache-teacher DIR`` stores its top-K log-probabilities
+   per training token (safetensors) and training reads them instead of running it;
+6. held-out evaluation (``--eval-file``) at the start, every ``--eval-every`` steps and at the
+   end; checkpoints every ``--save-every`` steps and ``--resume`` from the latest;
+7. the dense checkpoint (sharded like the teacher), tokenizer, a model card with the training
+   curve, written to a temporary directory beside ``--out`` and moved into place at the end.
+
+Data order is a function of (seed, step, micro-batch, process) only, so a resumed run sees the
+same batches as an uninterrupted one and one process with ``--grad-accum 2`` sees the same
+batches per optimizer step as two processes with ``--grad-accum 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moetool.errors import MoetoolError
+
+CACHE_FORMAT = "moetool-distill-teacher-cache"
+# held-out KL: exact (the teacher's every log-probability kept) while that takes at most
+# EVAL_FULL_BYTES per process, else over the teacher's top EVAL_TOPK tokens plus one lumped bin
+EVAL_FULL_BYTES = 1 << 30
+EVAL_TOPK = 1024
+CHECKPOINT_KEEP = 2
+
+
+@dataclass
+class DistillOptions:
+    out: str
+    files: list[str]
+    intermediate_size: int | None = None
+    init: str = "merge"
+    trace: str | None = None
+    calib_tokens: int = 16384
+    steps: int = 100
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    hidden_loss: float = 0.0
+    eval_files: list[str] = field(default_factory=list)
+    eval_every: int = 0
+    eval_tokens: int = 16384
+    save_every: int = 0
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    cache_teacher: str | None = None
+    cache_topk: int = 64
+    seed: int = 0
+    load_options: dict = field(default_factory=dict)  # moetool.loading.load_model keyword arguments
+    force: bool = False
+    progress: bool = True
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.warmup is not None:
+            return self.warmup
+        return max(1, self.steps // 20) if self.steps else 0
+
+
+# -- checks before anything heavy -----------------------------------------------------------------------
+def _read_text(path: str, what: str) -> str:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MoetoolError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise MoetoolError(f"{what} {path}: is a directory, not a text file") from None
+    except UnicodeDecodeError:
+        raise MoetoolError(f"{what} {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise MoetoolError(f"{what} {path}: cannot read ({exc.strerror})") from None
+    if not text.strip():
+        raise MoetoolError(f"{what} {path}: no text in this file")
+    return text
+
+
+def _checkpoint_dir(opts: DistillOptions) -> Path:
+    if opts.checkpoint_dir:
+        return Path(opts.checkpoint_dir)
+    out = Path(opts.out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    if not ckpt_dir.is_dir():
+        return None
+    steps = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and (p / "distill_state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def check_options(model: str, opts: DistillOptions):
+    """Every check that needs no model: returns (source, rc, sibling spec, texts, eval_texts)."""
+    from moetool.distill_init import INIT_METHODS, sibling_spec
+    from moetool.params import resolve_family
+    from moetool.source import resolve
+
+    source = resolve(model)
+    rc = resolve_family(source)
+    spec = sibling_spec(rc.family)  # refusal (OLMoE, gpt-oss) before anything is loaded
+    if source.kind != "checkpoint" or source.path is None:
+        raise MoetoolError(f"{model}: a {source.kind} has no weights to distill; give a checkpoint directory "
+                           "or a cached Hub id")
+    if opts.init not in INIT_METHODS:
+        raise MoetoolError(f"unknown --init '{opts.init}' (choose from {', '.join(INIT_METHODS)})")
+    for name, value, low in (("--steps", opts.steps, 0), ("--seq-len", opts.seq_len, 2), ("--batch-size", opts.batch_size, 1),
+                             ("--grad-accum", opts.grad_accum, 1), ("--cache-topk", opts.cache_topk, 1),
+                             ("--eval-every", opts.eval_every, 0), ("--save-every", opts.save_every, 0),
+                             ("--calib-tokens", opts.calib_tokens, 1), ("--eval-tokens", opts.eval_tokens, 1)):
+        if value < low:
+            raise MoetoolError(f"{name} must be at least {low} (got {value})")
+    if opts.intermediate_size is not None and opts.intermediate_size < 1:
+        raise MoetoolError(f"--intermediate-size must be at least 1 (got {opts.intermediate_size})")
+    if opts.warmup is not None and opts.warmup < 0:
+        raise MoetoolError(f"--warmup must be 0 or more (got {opts.warmup})")
+    if not opts.lr > 0:
+        raise MoetoolError(f"--lr must be positive (got {opts.lr})")
+    if not opts.temperature > 0:
+        raise MoetoolError(f"--temperature must be positive (got {opts.temperature})")
+    if opts.hidden_loss < 0:
+        raise MoetoolError(f"--hidden-loss must be 0 or more (got {opts.hidden_loss})")
+    if opts.hidden_loss > 0 and opts.cache_teacher:
+        raise MoetoolError("--hidden-loss needs the teacher's hidden states every step; it cannot be combined "
+                           "with --cache-teacher")
+    if opts.eval_every and not opts.eval_files:
+        raise MoetoolError("--eval-every needs held-out text: give --eval-file")
+    if not opts.files:
+        raise MoetoolError("give the training text with --file")
+    out = Path(opts.out)
+    teacher = source.path.resolve()
+    o = out.resolve()
+    if o == teacher or teacher in o.parents or o in teacher.parents:
+        raise MoetoolError(f"--out {opts.out} overlaps the teacher checkpoint {source.path}; write somewhere else")
+    if out.exists() and not opts.force:
+        raise MoetoolError(f"{opts.out} already exists; use --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise MoetoolError(f"{opts.out} exists and is not a directory")
+    if opts.resume and _latest_checkpoint(_checkpoint_dir(opts)) is None:
+        raise MoetoolError(f"--resume: no checkpoint in {_checkpoint_dir(opts)}")
+    lo = opts.load_options or {}
+    if lo.get("load_in_4bit") or lo.get("load_in_8bit"):
+        raise MoetoolError("the student starts from the teacher's own weights: load the teacher unquantized "
+                           "(no --load-in-4bit/--load-in-8bit) to distill")
+    if opts.trace and not Path(opts.trace).is_file():
+        raise MoetoolError(f"--trace {opts.trace}: no such file")
+    texts = [(f, _read_text(f, "--file")) for f in opts.files]
+    eval_texts = [(f, _read_text(f, "--eval-file")) for f in opts.eval_files]
+    return source, rc, spec, texts, eval_texts
+
+
+# -- data -------------------------------------------------------------------------------------------------
+def _tokenize(tokenizer, texts: list[tuple[str, str]]) -> list[int]:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence longer than the model's maximum": we cut it into blocks
+    try:
+        ids: list[int] = []
+        eos = getattr(tokenizer, "eos_token_id", None)
+        for i, (_name, text) in enumerate(texts):
+            if i and isinstance(eos, int):
+                ids.append(eos)
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return ids
+
+
+def _blocks(ids: list[int], seq_len: int, what: str, limit_tokens: int | None = None):
+    import torch
+
+    n = len(ids) // seq_len
+    if limit_tokens is not None:
+        n = min(n, max(1, limit_tokens // seq_len))
+    if n < 1:
+        raise MoetoolError(f"{what}: {len(ids)} tokens, fewer than one --seq-len block of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+class _Order:
+    """Which training blocks a (step, micro-batch, process) gets: a fresh seeded permutation of
+    all blocks per epoch, consumed in order by global micro-batch index."""
+
+    def __init__(self, n_blocks: int, seed: int, batch: int, grad_accum: int, world: int):
+        self.n, self.seed, self.batch, self.ga, self.world = n_blocks, seed, batch, grad_accum, world
+        self._perms: dict[int, Any] = {}
+
+    def _perm(self, epoch: int):
+        import torch
+
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+            for old in [e for e in self._perms if e < epoch - 1]:
+                del self._perms[old]
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        g = (step * self.ga + micro) * self.world + rank
+        start = g * self.batch
+        return [int(self._perm(pos // self.n)[pos % self.n]) for pos in range(start, start + self.batch)]
+
+    def epochs(self, steps: int) -> float:
+        return steps * self.ga * self.world * self.batch / self.n
+
+
+# -- losses ------------------------------------------------------------------------------------------------
+def kl_full(t_logits, s_logits, temperature: float):
+    """Per-token KL(teacher || student) over the whole vocabulary at a temperature."""
+    lp = (t_logits.float() / temperature).log_softmax(-1)
+    lq = (s_logits.float() / temperature).log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def topk_of(t_logits, k: int, temperature: float):
+    """The teacher's top-k log-probabilities at a temperature, their token ids, and the log
+    of the probability mass outside them (-inf when k covers the vocabulary)."""
+    import torch
+
+    lp = (t_logits.float() / temperature).log_softmax(-1)
+    k = min(k, lp.shape[-1])
+    vals, idx = lp.topk(k, dim=-1)
+    rest = lp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    return vals, idx.to(torch.int32), rest
+
+
+def kl_topk(t_vals, t_idx, t_rest, s_logits, temperature: float):
+    """Per-token KL(teacher || student) on the teacher's top-k support plus one bin that lumps
+    the rest of the vocabulary: a true KL between the two coarsened distributions (a lower
+    bound of the full KL, equal to it when k covers the vocabulary)."""
+    import torch
+
+    lq_all = (s_logits.float() / temperature).log_softmax(-1)
+    idx = t_idx.long()
+    lq = lq_all.gather(-1, idx)
+    lq_rest = lq_all.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    p = t_vals.exp()
+    kl = (p * (t_vals - lq)).sum(-1)
+    p_rest = t_rest.exp()
+    has_rest = p_rest > 0
+    safe_t = torch.where(has_rest, t_rest, torch.zeros_like(t_rest))
+    safe_q = torch.where(has_rest & torch.isfinite(lq_rest), lq_rest, torch.zeros_like(lq_rest))
+    return kl + torch.where(has_rest, p_rest * (safe_t - safe_q), torch.zeros_like(p_rest))
+
+
+def _hidden_mse(t_hidden, s_hidden):
+    """Mean over layers of the MSE between hidden states, normalised by the teacher's mean square."""
+    total = 0.0
+    pairs = list(zip(t_hidden[1:], s_hidden[1:]))
+    for th, sh in pairs:
+        th = th.to(sh.device).float()
+        total = total + ((sh.float() - th) ** 2).mean() / (th.pow(2).mean() + 1e-8)
+    return total / max(1, len(pairs))
+
+
+def lr_at(step: int, opts: DistillOptions) -> float:
+    """Linear warm-up to --lr, then cosine decay to --lr x min_lr_ratio at the last step."""
+    w = opts.warmup_steps
+    if step < w:
+        return opts.lr * (step + 1) / w
+    span = max(1, opts.steps - w)
+    progress = min(1.0, (step - w) / span)
+    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -- teacher cache ------------------------------------------------------------------------------------------
+def _teacher_identity(source, dtype: str) -> dict:
+    from moetool.safetensors_header import checkpoint_files
+
+    files = [(p.name, p.stat().st_size) for p in checkpoint_files(source.path)]
+    return {"teacher": str(Path(source.path).resolve()), "config": source.config, "files": files, "dtype": dtype}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tensor_digest(t) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def _teacher_forward(teacher, ids, device, hidden: bool = False):
+    """The teacher's outputs for IDS; DEVICE is where the teacher takes its input."""
+    import torch
+
+    with torch.no_grad():
+        out = teacher(input_ids=ids.to(device), output_hidden_states=hidden, use_cache=False)
+    return out
+
+
+def build_teacher_cache(teacher, blocks, used: list[int], opts: DistillOptions, identity: dict, device,
+                        progress=None) -> Path:
+    """Write (or find) the teacher's top-K cache for the training blocks USED by this run
+    (every block of an epoch or more; only those a shorter run reads). Returns its path."""
+    import torch
+    from safetensors.torch import save_file
+
+    cache_dir = Path(opts.cache_teacher)
+    sub = blocks[used]
+    key = _digest({**identity, "tokens": _tensor_digest(sub), "k": opts.cache_topk, "t": opts.temperature})[:16]
+    path = cache_dir / f"teacher-top{opts.cache_topk}-{key}.safetensors"
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n, S = sub.shape
+    vals, idxs, rests = [], [], []
+    task = progress.add_task("caching teacher top-K", total=n, info="") if progress else None
+    bs = max(1, opts.batch_size)
+    for i in range(0, n, bs):
+        logits = _teacher_forward(teacher, sub[i:i + bs], device).logits
+        v, ix, r = topk_of(logits, opts.cache_topk, opts.temperature)
+        vals.append(v.cpu())
+        idxs.append(ix.cpu())
+        rests.append(r.cpu())
+        if progress:
+            progress.update(task, advance=min(bs, n - i))
+    meta = {"format": CACHE_FORMAT, "version": "1", "k": str(opts.cache_topk), "temperature": repr(opts.temperature),
+            "seq_len": str(S), "blocks": json.dumps(list(map(int, used))), "key": key, "teacher": identity["teacher"],
+            "tail": "lumped: rest = log of the teacher's probability mass outside the top-k"}
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file({"values": torch.cat(vals).contiguous(), "indices": torch.cat(idxs).contiguous(),
+               "rest": torch.cat(rests).contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+class _CacheReader:
+    def __init__(self, path: Path, used: list[int], seq_len: int):
+        from safetensors import safe_open
+
+        self.f = safe_open(str(path), framework="pt")
+        meta = self.f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT or meta.get("seq_len") != str(seq_len) \
+                or json.loads(meta.get("blocks", "[]")) != list(used):
+            raise MoetoolError(f"{path}: not a teacher cache for this text and these settings")
+        self.row = {b: i for i, b in enumerate(used)}
+        self.vals = self.f.get_slice("values")
+        self.idx = self.f.get_slice("indices")
+        self.rest = self.f.get_slice("rest")
+
+    def get(self, blocks: list[int]):
+        import torch
+
+        rows = [self.row[b] for b in blocks]
+        v = torch.cat([self.vals[i:i + 1] for i in rows])
+        ix = torch.cat([self.idx[i:i + 1] for i in rows])
+        r = torch.cat([self.rest[i:i + 1] for i in rows])
+        return v, ix, r
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+def eval_topk(vocab: int, tokens: int) -> int | None:
+    """How the held-out reference keeps the teacher: None = every log-probability (exact KL),
+    while that is at most EVAL_FULL_BYTES; else its top EVAL_TOPK and one lumped bin."""
+    return None if tokens * vocab * 4 <= EVAL_FULL_BYTES else EVAL_TOPK
+
+
+def _eval_reference(teacher, blocks, device, batch: int, k: int | None):
+    """Per eval batch, computed once: the teacher's log-probabilities at every predicting
+    position (all of them, or top-K + rest), per-block NLL, and argmax."""
+    ref = []
+    for i in range(0, blocks.shape[0], batch):
+        ids = blocks[i:i + batch]
+        logits = _teacher_forward(teacher, ids, device).logits[:, :-1].float()
+        lp = logits.log_softmax(-1)
+        nll = -lp.gather(-1, ids[:, 1:].to(lp.device).unsqueeze(-1)).squeeze(-1)
+        top1 = lp.argmax(-1)
+        if k is None:
+            ref.append((lp.cpu(), None, None, nll.sum(-1).double().cpu(), top1.cpu()))
+        else:
+            v, ix, r = topk_of(logits, k, 1.0)
+            ref.append((v.cpu(), ix.cpu(), r.cpu(), nll.sum(-1).double().cpu(), top1.cpu()))
+        del logits, lp
+    return ref
+
+
+def _evaluate(student, blocks, valid, ref, device, batch: int, accelerator) -> dict:
+    """Held-out metrics of STUDENT against the teacher reference, over the positions that
+    predict a token of the block (as `moetool eval` counts). Every process evaluates the same
+    number of blocks (FSDP needs every rank in every forward); VALID masks the padding."""
+    import torch
+
+    sums = torch.zeros(5, dtype=torch.float64)  # kl, predicted positions, nll, agree, teacher nll
+    was_training = student.training
+    student.eval()
+    S = blocks.shape[1]
+    with torch.no_grad():
+        for j, i in enumerate(range(0, blocks.shape[0], batch)):
+            ids = blocks[i:i + batch].to(device)
+            w = valid[i:i + batch].double()
+            v, ix, r, t_nll, t_top1 = ref[j]
+            logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            lq = logits.log_softmax(-1)
+            if ix is None:
+                lp = v.to(device)
+                kl = (lp.exp() * (lp - lq)).sum(-1)
+            else:
+                kl = kl_topk(v.to(device), ix.to(device), r.to(device), logits, 1.0)
+            kl = kl.sum(-1).double().cpu()
+            nll = -lq.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1).double().cpu()
+            agree = (lq.argmax(-1) == t_top1.to(device)).sum(-1).double().cpu()
+            n = float(w.sum()) * (S - 1)
+            sums += torch.stack([(kl * w).sum(), torch.tensor(n, dtype=torch.float64), (nll * w).sum(),
+                                 (agree * w).sum(), (t_nll * w).sum()])
+    if was_training:
+        student.train()
+    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    kl, n, nll, agree, t_nll = sums.tolist()
+    return {"kl": kl / n, "ppl": math.exp(nll / n), "top1": agree / n, "teacher_ppl": math.exp(t_nll / n),
+            "tokens": int(n)}
+
+
+# -- progress ------------------------------------------------------------------------------------------------
+class _NoProgress:
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True),
+                    transient=False)
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+def distill(model: str, out: str, files: list[str], **kwargs) -> dict:
+    """Distill MODEL (a MoE checkpoint) into its dense sibling at OUT. See DistillOptions for
+    the keyword arguments. Returns the run as plain data (also written to OUT/distill.json)."""
+    opts = DistillOptions(out=str(out), files=list(files), **kwargs)
+    source, rc, spec, texts, eval_texts = check_options(model, opts)
+    return _run(model, opts, source, rc, spec, texts, eval_texts)
+
+
+def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    from moetool import distill_init as di
+    from moetool.loading import load_model
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # moetool shows its own
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    accelerator = Accelerator(cpu=_cpu_distributed())
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = accelerator.device
+    ckpt_dir = _checkpoint_dir(opts)
+    resume_from = _latest_checkpoint(ckpt_dir) if opts.resume else None
+
+    loaded = load_model(model, **opts.load_options)
+    teacher = loaded.model
+    if not (opts.load_options or {}).get("device_map") and not (opts.load_options or {}).get("max_memory"):
+        teacher.to(device)
+    t_device = loaded.input_device
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise MoetoolError(f"{model}: no tokenizer in this checkpoint; distill needs one to read --file")
+    timings["load_s"] = time.perf_counter() - t0
+
+    train_ids = _tokenize(tok, texts)
+    blocks = _blocks(train_ids, opts.seq_len, "--file")
+    eval_blocks = None
+    if eval_texts:
+        eval_blocks = _blocks(_tokenize(tok, eval_texts), opts.seq_len, "--eval-file", opts.eval_tokens)
+
+    width = opts.intermediate_size or di.default_width(rc)
+    cfg = di.student_config(source.config, rc, width)
+    student = di.build_student(cfg, opts.seed)
+    n_params = int(sum(p.numel() for p in student.parameters()))
+    identity = _teacher_identity(source, str((opts.load_options or {}).get("dtype", "auto")))
+    fingerprint = {
+        "teacher": _digest(identity), "data": _tensor_digest(blocks), "student_config": _digest(cfg),
+        "init": opts.init, "trace": opts.trace, "calib_tokens": opts.calib_tokens, "seq_len": opts.seq_len,
+        "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "processes": world, "lr": opts.lr,
+        "warmup": opts.warmup_steps, "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay,
+        "max_grad_norm": opts.max_grad_norm, "steps": opts.steps, "temperature": opts.temperature,
+        "hidden_loss": opts.hidden_loss, "seed": opts.seed,
+        "cache_topk": opts.cache_topk if opts.cache_teacher else None,
+    }
+
+    with _progress(opts.progress and main) as progress:
+        # -- initialisation ------------------------------------------------------------------------
+        t1 = time.perf_counter()
+        usage = None
+        init_rows: list[dict] = []
+        usage_source = None
+        state = None
+        if resume_from is not None:
+            state = json.loads((resume_from / "distill_state.json").read_text())
+            _check_fingerprint(state["fingerprint"], fingerprint, resume_from)
+            init_rows = state["init_rows"]
+            usage_source = state["usage_source"]
+        else:
+            if opts.init != "random":
+                n_cal = max(1, min(blocks.shape[0], math.ceil(opts.calib_tokens / opts.seq_len)))
+                # evenly spread over the text (several files: every one is represented)
+                cal_idx = torch.linspace(0, blocks.shape[0] - 1, n_cal).round().long().unique()
+                trace = None
+                if opts.trace:
+                    from moetool.trace import Trace
+
+                    trace = Trace.load(opts.trace)
+                    usage_source = f"trace {opts.trace} ({trace.tokens} tokens)"
+                else:
+                    usage_source = (f"calibration on {len(cal_idx) * opts.seq_len} tokens of --file "
+                                    f"({len(cal_idx)} blocks spread evenly over it)")
+                usage = di.calibrate(loaded, blocks[cal_idx].tolist(), batch_size=max(8, opts.batch_size), trace=trace)
+            init_rows = di.init_student(loaded, student, usage, opts.init)
+        timings["init_s"] = time.perf_counter() - t1
+
+        # -- teacher references -------------------------------------------------------------------------
+        ref = None
+        my_eval = None
+        eval_k = None
+        if eval_blocks is not None:
+            n_eval = eval_blocks.shape[0]
+            mine = [rank + world * j for j in range(math.ceil(n_eval / world))]
+            my_valid = torch.tensor([i < n_eval for i in mine])
+            my_eval = eval_blocks[[i if i < n_eval else 0 for i in mine]]
+            eval_k = eval_topk(int(student.config.vocab_size), my_eval.numel())
+            ref = _eval_reference(teacher, my_eval, t_device, opts.batch_size, eval_k)
+        cache = None
+        t2 = time.perf_counter()
+        order = _Order(blocks.shape[0], opts.seed, opts.batch_size, opts.grad_accum, world)
+        if opts.cache_teacher and opts.steps > 0:
+            used = sorted({b for s in range(opts.steps) for m in range(opts.grad_accum) for r in range(world)
+                           for b in order.indices(s, m, r)})
+            if main:
+                path = build_teacher_cache(teacher, blocks, used, opts, identity, t_device, progress)
+            accelerator.wait_for_everyone()
+            if not main:  # found, not rebuilt
+                path = build_teacher_cache(teacher, blocks, used, opts, identity, t_device, None)
+            cache = _CacheReader(path, used, opts.seq_len)
+            # the teacher is not needed any more: give its memory to training
+            loaded.model = None
+            del teacher
+            teacher = None
+            gc.collect()
+        timings["cache_s"] = time.perf_counter() - t2
+
+        # -- training ---------------------------------------------------------------------------------
+        student.to(device)
+        student.train()
+        decay, no_decay = [], []
+        for name, p in student.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+        student, optimizer = accelerator.prepare(student, optimizer)
+        history: list[dict] = []
+        evals: list[dict] = []
+        start_step = 0
+        if resume_from is not None:
+            accelerator.load_state(str(resume_from))
+            start_step = int(state["step"])
+            history = state["history"]
+            evals = state["evals"]
+
+        def run_eval(step: int):
+            if eval_blocks is None or any(e["step"] == step for e in evals):
+                return
+            te = time.perf_counter()
+            ev = _evaluate(student, my_eval, my_valid, ref, device, opts.batch_size, accelerator)
+            ev["step"] = step
+            evals.append(ev)
+            timings["eval_s"] = timings.get("eval_s", 0.0) + time.perf_counter() - te
+
+        run_eval(start_step)
+        train_s = 0.0
+        tokens_per_step = opts.batch_size * opts.grad_accum * world * opts.seq_len
+        task = progress.add_task("distilling", total=opts.steps, completed=start_step, info="")
+        for step in range(start_step, opts.steps):
+            ts = time.perf_counter()
+            lr = lr_at(step, opts)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, hidden
+            for micro in range(opts.grad_accum):
+                idx = order.indices(step, micro, rank)
+                ids = blocks[idx].to(device)
+                hidden = opts.hidden_loss > 0
+                last = micro == opts.grad_accum - 1
+                ctx = accelerator.no_sync(student) if not last else contextlib.nullcontext()
+                with ctx:
+                    s_out = student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+                    if cache is not None:
+                        v, ix, r = cache.get(idx)
+                        kl = kl_topk(v.to(device), ix.to(device), r.to(device), s_out.logits, opts.temperature).mean()
+                    else:
+                        t_out = _teacher_forward(teacher, ids, t_device, hidden=hidden)
+                        kl = kl_full(t_out.logits.to(device), s_out.logits, opts.temperature).mean()
+                    loss = kl * opts.temperature ** 2
+                    h = torch.zeros((), device=device)
+                    if hidden:
+                        h = _hidden_mse(t_out.hidden_states, s_out.hidden_states)
+                        loss = loss + opts.hidden_loss * h
+                    accelerator.backward(loss / opts.grad_accum)
+                sums += torch.tensor([loss.item(), kl.item(), float(h)], dtype=torch.float64)
+            if opts.max_grad_norm:
+                accelerator.clip_grad_norm_(student.parameters(), opts.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums = accelerator.reduce(sums.to(device), reduction="mean").cpu() / opts.grad_accum
+            train_s += time.perf_counter() - ts
+            rec = {"step": step + 1, "loss": sums[0].item(), "kl": sums[1].item(), "lr": lr}
+            if opts.hidden_loss > 0:
+                rec["hidden_mse"] = sums[2].item()
+            history.append(rec)
+            info = f"loss {rec['loss']:.4f}  KL {rec['kl']:.4f}"
+            if evals:
+                info += f"  held-out KL {evals[-1]['kl']:.4f}"
+            progress.update(task, advance=1, info=info)
+            done = step + 1
+            if opts.eval_every and done % opts.eval_every == 0:
+                run_eval(done)
+            if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
+                _save_checkpoint(accelerator, ckpt_dir, done, {
+                    "step": done, "fingerprint": fingerprint, "history": history, "evals": evals,
+                    "init_rows": init_rows, "usage_source": usage_source})
+        run_eval(opts.steps)
+
+    timings["train_s"] = train_s
+    steps_run = opts.steps - start_step
+    result = {
+        "teacher": source.name,
+        "teacher_family": rc.family.name,
+        "out": str(opts.out),
+        "student": {
+            "model_type": cfg["model_type"], "architectures": cfg["architectures"], "intermediate_size": width,
+            "default_intermediate_size": di.default_width(rc),
+            "params": n_params,
+        },
+        "init": {"method": opts.init, "usage": usage_source, "layers": init_rows},
+        "data": {
+            "files": [f for f, _ in texts], "tokens": len(train_ids), "blocks": int(blocks.shape[0]),
+            "eval_files": [f for f, _ in eval_texts],
+            "eval_tokens": int(eval_blocks.numel()) if eval_blocks is not None else 0,
+            "eval_kl": None if eval_blocks is None else (
+                "exact (full vocabulary)" if eval_k is None else
+                f"over the teacher's top-{eval_k} tokens plus one bin for the rest (a lower bound)"),
+        },
+        "training": {
+            "steps": opts.steps, "resumed_from_step": start_step if resume_from is not None else None,
+            "seq_len": opts.seq_len, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
+            "processes": world, "tokens_per_step": tokens_per_step,
+            "epochs": round(order.epochs(opts.steps), 3), "lr": opts.lr, "warmup": opts.warmup_steps,
+            "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay, "temperature": opts.temperature,
+            "hidden_loss": opts.hidden_loss, "seed": opts.seed,
+            "teacher_cache": None if not opts.cache_teacher else {
+                "dir": opts.cache_teacher, "topk": opts.cache_topk,
+                "kl": "top-k support plus one lumped bin for the rest of the vocabulary"},
+            "tokens_per_second": (steps_run * tokens_per_step / train_s) if train_s > 0 else None,
+            "distributed": str(accelerator.distributed_type).split(".")[-1],
+        },
+        "history": history,
+        "eval": evals,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "process_index": rank,
+    }
+    if teacher_params := _teacher_params(loaded, source):
+        result["teacher_params"] = teacher_params
+    _write_output(accelerator, student, tok, source, opts, result)
+    return result
+
+
+def _cpu_distributed() -> bool:
+    """accelerate runs several processes on the CPU (gloo) only when told `cpu=True`: do so
+    when launched by torchrun / accelerate with no GPU here."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _teacher_params(loaded, source) -> int | None:
+    try:
+        from moetool.params import count_params
+
+        return int(count_params(str(source.path))["total"])
+    except Exception:  # counting is a nicety for the model card
+        return None
+
+
+def _check_fingerprint(saved: dict, now: dict, where: Path) -> None:
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise MoetoolError(f"--resume: the checkpoint in {where} was made with a different {key} "
+                               f"({saved.get(key)!r}, now {now.get(key)!r}); use the same settings or another "
+                               "--checkpoint-dir")
+
+
+def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict) -> None:
+    """Every process takes part (FSDP gathers); the main one writes state and publishes the
+    directory atomically, keeping the latest CHECKPOINT_KEEP."""
+    tmp = ckpt_dir / f".step-{step:07d}.tmp"
+    final = ckpt_dir / f"step-{step:07d}"
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "distill_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        olds = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+        for old in olds[:-CHECKPOINT_KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _shard_size(source) -> int:
+    from moetool.safetensors_header import checkpoint_files
+
+    sizes = [p.stat().st_size for p in checkpoint_files(source.path)]
+    return max(sizes) if len(sizes) > 1 else 50 * 10**9
+
+
+def _save_dtype(source):
+    import torch
+
+    name = source.config.get("dtype") or source.config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _write_output(accelerator, student, tokenizer, source, opts: DistillOptions, result: dict) -> None:
+    """Main process: write everything to a temporary directory beside --out, then move it in."""
+    state_dict = accelerator.get_state_dict(student)  # every process (FSDP gathers)
+    if accelerator.is_main_process:
+        out = Path(opts.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            unwrapped = accelerator.unwrap_model(student)
+            dtype = _save_dtype(source)
+            state_dict = {k: v.detach().to("cpu", dtype) for k, v in state_dict.items()}
+            unwrapped.config.dtype = dtype
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size=_shard_size(source))
+            tokenizer.save_pretrained(str(tmp))
+            gen = Path(source.path) / "generation_config.json"
+            if gen.is_file():
+                shutil.copyfile(gen, tmp / "generation_config.json")
+            from moetool.render.distill import model_card, plot_curve
+
+            has_plot = plot_curve(result, tmp / "training_curve.png")
+            (tmp / "README.md").write_text(model_card(result, has_plot))
+            (tmp / "distill.json").write_text(json.dumps(result, indent=1, default=str))
+            if out.exists():  # --force: swap, then drop the old one
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,1019 @@
+"""4-bit / 8-bit weights for MoE models, the routed experts included.
+
+The trap: transformers 5 keeps a MoE layer's routed experts as fused 3-D ``nn.Parameter`` s on
+an experts module (``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]; gpt-oss stores them
+transposed, [E, H, 2I] / [E, I, H], with ``gate_up_proj_bias`` / ``down_proj_bias``), and
+bitsandbytes only swaps ``nn.Linear`` modules. ``from_pretrained(...,
+quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` therefore quantizes attention,
+dense MLPs and shared experts and silently leaves the routed experts -- most of the model -- in
+full precision (bitsandbytes issue #1849).
+
+This module quantizes the experts too:
+
+* every fused 3-D expert weight is replaced by a :class:`QuantizedExpertWeight` sub-module that
+  holds the packed 4-bit codes (bitsandbytes NF4/FP4, one absmax per ``blocksize`` values,
+  blocks never straddle two experts) or int8 codes with one scale per output row, as buffers;
+  ``weight[e]`` dequantizes expert ``e`` alone, on the fly, to a 2-D matrix, so the eager
+  experts loop ``F.linear(x, self.gate_up_proj[expert_idx])`` runs unchanged;
+* the experts module is switched to its eager forward (the default ``grouped_mm``/``batched_mm``
+  implementations read the whole 3-D tensor at once), per module, whatever
+  ``config._experts_implementation`` says;
+* :func:`load_in_4bit` / :func:`load_in_8bit` quantize the experts *while* transformers loads
+  the checkpoint (one fused tensor in full precision at a time), so peak memory stays about one
+  expert tensor above the quantized model; ``nn.Linear`` layers are bitsandbytes' as usual.
+
+See docs/quantization.md for the measured sizes and errors and for the limits.
+
+Importing this module is cheap: torch, transformers and bitsandbytes are imported inside the
+functions that need them (bitsandbytes may log warnings on import on CPU-only machines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import threading
+import time
+import types
+import warnings
+from typing import Any
+
+from moetool.errors import MoetoolError
+
+EXPERT_WEIGHT_NAMES = ("gate_up_proj", "down_proj", "up_proj", "gate_proj")  # fused 3-D expert weights
+_MARKERS = ("gate_up_proj", "down_proj")  # a module holding one of these as a 3-D weight is an experts module
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+CHUNK_ELEMENTS = 1 << 22  # quantize at most this many values at once (bounds the temporary memory)
+
+_BACKEND_CACHE: dict[str, dict] = {}
+_LOAD_LOCK = threading.Lock()
+_WEIGHT_CLASS = None
+
+
+# -- bitsandbytes -------------------------------------------------------------------------------------
+def _import_bnb():
+    """Import bitsandbytes with its import-time chatter (warnings, log lines) silenced."""
+    bnb_log = logging.getLogger("bitsandbytes")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes
+            import bitsandbytes.functional  # noqa: F401
+    finally:
+        bnb_log.setLevel(level)
+    return bitsandbytes
+
+
+def backend_status(device=None) -> dict:
+    """Whether bitsandbytes can quantize on DEVICE (default: cuda if there is one, else cpu).
+
+    Plain data: ``{"available": bool, "device": str, "bitsandbytes": version or None,
+    "reason": str}``; the check runs a real 4-bit round trip on the device (cached)."""
+    import torch
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    key = dev.type
+    if key in _BACKEND_CACHE:
+        return dict(_BACKEND_CACHE[key])
+    status = {"available": False, "device": key, "bitsandbytes": None, "reason": ""}
+    try:
+        bnb = _import_bnb()
+    except Exception as exc:  # ImportError, or a broken native library raising on import
+        status["reason"] = f"bitsandbytes cannot be imported ({_first_line(exc)})"
+        _BACKEND_CACHE[key] = status
+        return dict(status)
+    status["bitsandbytes"] = getattr(bnb, "__version__", "?")
+    supported = getattr(bnb, "supported_torch_devices", None)
+    if supported is not None and key not in supported:
+        status["reason"] = f"bitsandbytes {status['bitsandbytes']} has no {key} backend"
+    else:
+        try:
+            import bitsandbytes.functional as F
+
+            with torch.no_grad():
+                w = torch.linspace(-1, 1, 128, device=dev).reshape(2, 64)
+                packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+                back = F.dequantize_4bit(packed, state)
+            if not torch.allclose(back.float(), w.float(), atol=0.2):
+                status["reason"] = f"bitsandbytes 4-bit round trip on {key} gives wrong values"
+            else:
+                status["available"] = True
+        except Exception as exc:
+            status["reason"] = f"bitsandbytes 4-bit does not run on {key} ({_first_line(exc)})"
+    _BACKEND_CACHE[key] = status
+    return dict(status)
+
+
+def require_backend(device=None) -> dict:
+    """:func:`backend_status`, or a one-line :class:`MoetoolError` saying why not."""
+    status = backend_status(device)
+    if not status["available"]:
+        raise MoetoolError(f"4-bit/8-bit quantization is not available here: {status['reason']}")
+    return status
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# -- the quantized weight --------------------------------------------------------------------------------
+def _weight_class():
+    """Build QuantizedExpertWeight on first use (torch is imported here, not on module import)."""
+    global _WEIGHT_CLASS
+    if _WEIGHT_CLASS is not None:
+        return _WEIGHT_CLASS
+    import torch
+    from torch import nn
+
+    class QuantizedExpertWeight(nn.Module):
+        """Stands in for one fused 3-D expert weight [E, out, in] (transformers' layout, or the
+        transposed gpt-oss one: whatever the 3-D tensor was, ``self[e]`` is its 2-D slice e).
+
+        Buffers (what ``state_dict`` holds):
+          4-bit: ``packed`` uint8 [E, ceil(out*in/2)] (two codes a byte, bitsandbytes layout),
+                 ``absmax`` float32 [E, ceil(out*in/blocksize)];
+          8-bit: ``packed`` int8 [E, out, in], ``absmax`` float32 [E, out] (row absmax; w = q * absmax / 127).
+
+        ``self[e]`` (int or 0-d tensor) -> expert e dequantized, [out, in] in ``dtype``;
+        ``self[ids]`` (1-D tensor / list / slice) -> [len(ids), out, in], each distinct expert
+        dequantized once. With a tensor index, the result is on the index's device (so codes kept
+        in CPU memory are dequantized where the computation runs). ``dequantize()`` -> the
+        whole 3-D tensor (temporary, full size).
+        """
+
+        def __init__(self, shape, bits: int = 4, quant_type: str = "nf4", blocksize: int = 64,
+                     dtype=torch.bfloat16, device=None):
+            super().__init__()
+            num_experts, rows, cols = (int(s) for s in shape)
+            self.num_experts = num_experts
+            self.expert_shape = (rows, cols)
+            self.bits = int(bits)
+            self.quant_type = quant_type if self.bits == 4 else "int8"
+            self.blocksize = int(blocksize) if self.bits == 4 else cols
+            self.compute_dtype = dtype
+            self._is_hf_initialized = True  # transformers' weight init must not touch it
+            n = rows * cols
+            if self.bits == 4:
+                self.register_buffer("packed", torch.empty(num_experts, (n + 1) // 2, dtype=torch.uint8, device=device))
+                self.register_buffer("absmax", torch.empty(num_experts, math.ceil(n / self.blocksize),
+                                                           dtype=torch.float32, device=device))
+            elif self.bits == 8:
+                self.register_buffer("packed", torch.empty(num_experts, rows, cols, dtype=torch.int8, device=device))
+                self.register_buffer("absmax", torch.empty(num_experts, rows, dtype=torch.float32, device=device))
+            else:
+                raise ValueError(f"bits must be 4 or 8, not {bits}")
+
+        # tensor-like surface ------------------------------------------------------------------
+        @property
+        def shape(self):
+            return torch.Size((self.num_experts, *self.expert_shape))
+
+        @property
+        def dtype(self):
+            return self.compute_dtype
+
+        @property
+        def device(self):
+            return self.packed.device
+
+        ndim = 3
+
+        def dim(self) -> int:
+            return 3
+
+        def size(self, dim=None):
+            return self.shape if dim is None else self.shape[dim]
+
+        def numel(self) -> int:
+            return self.num_experts * self.expert_shape[0] * self.expert_shape[1]
+
+        def __len__(self) -> int:
+            return self.num_experts
+
+        @property
+        def nbytes(self) -> int:
+            return sum(b.numel() * b.element_size() for b in (self.packed, self.absmax))
+
+        def extra_repr(self) -> str:
+            kind = f"{self.quant_type}, blocksize={self.blocksize}" if self.bits == 4 else "int8 rows"
+            return (f"{self.num_experts}x{self.expert_shape[0]}x{self.expert_shape[1]}, {kind}, "
+                    f"dtype={str(self.compute_dtype).replace('torch.', '')}, device={self.packed.device}")
+
+        # quantize / dequantize -----------------------------------------------------------------
+        @torch.no_grad()
+        def set_expert(self, e: int, weight) -> None:
+            """Quantize the 2-D ``weight`` (any float dtype, any device) into slot ``e``."""
+            self.set_experts(e, weight.unsqueeze(0))
+
+        @torch.no_grad()
+        def set_experts(self, start: int, weights) -> None:
+            """Quantize ``weights`` [k, out, in] into slots start .. start+k-1, CHUNK_ELEMENTS
+            values at a time (blocks never straddle two experts)."""
+            rows, cols = self.expert_shape
+            k = int(weights.shape[0])
+            if tuple(weights.shape[1:]) != (rows, cols) or not 0 <= start <= self.num_experts - k:
+                raise ValueError(f"experts {start}..{start + k - 1}: shape {tuple(weights.shape)} does not fit "
+                                 f"{tuple(self.shape)}")
+            dev = self.packed.device
+            n = rows * cols
+            if self.bits == 4:
+                import bitsandbytes.functional as F
+
+                bs = self.blocksize
+                if n % bs:  # the last block of each expert is partial: quantize expert by expert
+                    if k > 1:
+                        for i in range(k):
+                            self.set_experts(start + i, weights[i:i + 1])
+                        return
+                flat = weights.reshape(-1)  # one stream; with n % bs == 0 experts' blocks line up
+                packed_out = self.packed[start:start + k].view(-1)
+                absmax_out = self.absmax[start:start + k].view(-1)
+                step = max(bs, (CHUNK_ELEMENTS // bs) * bs)
+                for pos in range(0, flat.numel(), step):
+                    piece = flat[pos:pos + step].to(device=dev)
+                    if piece.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                        piece = piece.float()
+                    packed, state = F.quantize_4bit(piece.contiguous(), blocksize=bs, quant_type=self.quant_type)
+                    packed_out[pos // 2:pos // 2 + packed.numel()] = packed.reshape(-1)
+                    absmax_out[pos // bs:pos // bs + state.absmax.numel()] = state.absmax.float()
+                    del packed, state, piece
+            else:
+                flat = weights.reshape(k * rows, cols)
+                packed_out = self.packed[start:start + k].view(k * rows, cols)
+                absmax_out = self.absmax[start:start + k].view(k * rows)
+                step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+                for pos in range(0, k * rows, step):
+                    piece = flat[pos:pos + step].to(device=dev, dtype=torch.float32)
+                    scale = piece.abs().amax(dim=1).clamp_(min=1e-12)
+                    packed_out[pos:pos + step] = torch.round(piece * (127.0 / scale)[:, None]).clamp_(
+                        -127, 127).to(torch.int8)
+                    absmax_out[pos:pos + step] = scale
+                    del piece, scale
+
+        @torch.no_grad()
+        def expert(self, e: int, device=None):
+            """Expert ``e`` dequantized: a new [out, in] tensor in ``dtype`` on DEVICE (default:
+            where the codes are)."""
+            e = int(e)
+            if e < 0:
+                e += self.num_experts
+            if not 0 <= e < self.num_experts:
+                raise IndexError(f"expert index {e} out of range for {self.num_experts} experts")
+            packed, absmax = self.packed[e], self.absmax[e]
+            if device is not None and torch.device(device) != packed.device:
+                packed = packed.to(device, non_blocking=True)
+                absmax = absmax.to(device, non_blocking=True)
+            if self.bits == 4:
+                import bitsandbytes.functional as F
+
+                state = F.QuantState(absmax=absmax, shape=torch.Size(self.expert_shape), blocksize=self.blocksize,
+                                     quant_type=self.quant_type, dtype=self.compute_dtype)
+                return F.dequantize_4bit(packed.reshape(-1, 1), state)
+            return (packed.to(torch.float32) * (absmax / 127.0)[:, None]).to(self.compute_dtype)
+
+        def __getitem__(self, idx):
+            device = None
+            rest = None
+            if isinstance(idx, tuple):
+                idx, rest = idx[0], idx[1:]
+            if isinstance(idx, torch.Tensor):
+                if idx.device.type != "meta":
+                    device = idx.device
+                if idx.dtype == torch.bool:
+                    idx = idx.nonzero().reshape(-1)
+                if idx.ndim == 0:
+                    out = self.expert(int(idx), device)
+                else:
+                    ids = idx.reshape(-1)
+                    uniq, inverse = torch.unique(ids, return_inverse=True)
+                    mats = torch.stack([self.expert(int(i), device) for i in uniq.tolist()])
+                    out = mats[inverse.to(mats.device)].reshape(*idx.shape, *self.expert_shape)
+            elif isinstance(idx, slice):
+                ids = range(self.num_experts)[idx]
+                out = torch.stack([self.expert(i) for i in ids]) if len(ids) else torch.empty(
+                    0, *self.expert_shape, dtype=self.compute_dtype, device=self.packed.device)
+            elif isinstance(idx, (list, range)):
+                out = torch.stack([self.expert(int(i)) for i in idx])
+            else:
+                import operator
+
+                out = self.expert(operator.index(idx))
+            return out[rest] if rest else out
+
+        def dequantize(self, device=None):
+            """The whole [E, out, in] weight in ``dtype`` (a temporary of the full size)."""
+            return torch.stack([self.expert(e, device) for e in range(self.num_experts)])
+
+        def _apply(self, fn, recurse=True):
+            # model.to(device) moves the codes; model.to(dtype)/.half()/.float() change the
+            # dtype experts are dequantized to, never the codes or the float32 absmax
+            absmax = self._buffers["absmax"]
+            probe = fn(torch.empty(0, dtype=self.compute_dtype, device=absmax.device))
+            super()._apply(fn, recurse)
+            new = self._buffers["absmax"]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers["absmax"] = absmax.to(device=new.device)
+            if isinstance(probe, torch.Tensor) and probe.is_floating_point() and probe.dtype != self.compute_dtype:
+                self.compute_dtype = probe.dtype
+            return self
+
+    QuantizedExpertWeight.__module__ = __name__
+    QuantizedExpertWeight.__qualname__ = "QuantizedExpertWeight"
+    _WEIGHT_CLASS = QuantizedExpertWeight
+    globals()["QuantizedExpertWeight"] = QuantizedExpertWeight  # picklable by name
+    return QuantizedExpertWeight
+
+
+def __getattr__(name: str):  # PEP 562: `from moetool.quant import QuantizedExpertWeight` builds it lazily
+    if name == "QuantizedExpertWeight":
+        return _weight_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_qweight(obj) -> bool:
+    return _WEIGHT_CLASS is not None and isinstance(obj, _WEIGHT_CLASS)
+
+
+# -- finding the experts --------------------------------------------------------------------------------
+def expert_modules(model, skip_modules=()) -> list[tuple[str, Any, list[str]]]:
+    """(module name, module, names of its fused expert weights) for every fused-experts module:
+    any module holding a 3-D ``gate_up_proj`` or ``down_proj`` (a parameter, or already
+    quantized). ``skip_modules``: module name patterns to leave out, matched like bitsandbytes'
+    ``llm_int8_skip_modules``."""
+    found = []
+    for name, module in model.named_modules():
+        if _is_qweight(module) or _skipped(name, skip_modules):
+            continue
+        names = []
+        for wname in EXPERT_WEIGHT_NAMES:
+            p = module._parameters.get(wname)
+            if (p is not None and p.ndim == 3) or _is_qweight(module._modules.get(wname)):
+                names.append(wname)
+        if any(n in _MARKERS for n in names):
+            found.append((name, module, names))
+    return found
+
+
+def _skipped(name: str, skip_modules) -> bool:
+    """bitsandbytes' ``llm_int8_skip_modules`` matching (transformers' should_convert_module): a
+    pattern matches from the start up to a module boundary, as a regex with that boundary, or
+    as a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(key and (re.match(rf"(?:{key}){boundary}", name) or name.endswith(key)) for key in (skip_modules or ()))
+
+
+def _offload_hook(module):
+    """The accelerate AlignDevicesHook that offloads MODULE's own weights, if any."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    for h in hooks:
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h
+    return None
+
+
+def _execution_device(module):
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    for h in hooks:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return dev
+    return None
+
+
+def _drop_offloaded(hook, name: str) -> None:
+    """Forget an offloaded full-precision tensor (frees it when it was offloaded to CPU memory)."""
+    wm = hook.weights_map
+    key = getattr(wm, "prefix", "") + name
+    ds = getattr(wm, "dataset", wm)
+    for store in (ds, getattr(ds, "state_dict", None)):
+        if isinstance(store, dict):
+            store.pop(key, None)
+    keys = getattr(ds, "all_keys", None)
+    if isinstance(keys, list) and key in keys:
+        keys.remove(key)
+
+
+class _EagerForward:
+    """An experts module's own eager forward, bound to it: the class's ``forward`` as written,
+    before ``@use_experts_implementation`` dispatched it to grouped_mm/batched_mm (which read
+    the whole 3-D weight). A module-level class, so that deepcopy and pickling (torch.save of a
+    whole model) keep it, where a bound method would come back as the dispatching forward."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return type(self.module).forward.__wrapped__(self.module, *args, **kwargs)
+
+
+def _force_eager(module) -> str:
+    """Run MODULE with its class's own (eager, per-expert) forward, whatever experts
+    implementation the config names. Returns what was done."""
+    if getattr(type(module).forward, "__wrapped__", None) is None:
+        return "class forward"  # not dispatched (remote code, older layouts): its forward is the one
+    eager = _EagerForward(module)
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        module._old_forward = eager  # accelerate's hook calls _old_forward
+    else:
+        module.forward = eager
+    return "eager"
+
+
+def _unforce_eager(module) -> None:
+    if isinstance(module.__dict__.get("forward"), _EagerForward):
+        del module.__dict__["forward"]
+    elif isinstance(module.__dict__.get("_old_forward"), _EagerForward):
+        module._old_forward = types.MethodType(type(module).forward, module)
+
+
+class _RefuseSave:
+    """Stands in for ``save_pretrained`` on a model with quantized experts: transformers would
+    write the codes under names no loader knows (``...gate_up_proj.packed``) next to a
+    bitsandbytes quantization_config, and reloading would silently give random experts."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        raise MoetoolError("this model's experts are quantized by moetool.quant, which transformers cannot "
+                           "save or reload; call moetool.quant.dequantize_experts(model) first, or save the "
+                           "original checkpoint")
+
+
+def _guard_save(model) -> None:
+    if hasattr(type(model), "save_pretrained") and not isinstance(model.__dict__.get("save_pretrained"), _RefuseSave):
+        model.save_pretrained = _RefuseSave(model)
+
+
+def _unguard_save(model) -> None:
+    if isinstance(model.__dict__.get("save_pretrained"), _RefuseSave):
+        del model.__dict__["save_pretrained"]
+
+
+# -- quantizing a model in memory ------------------------------------------------------------------------
+def _check_args(bits: int, quant_type: str, blocksize: int) -> None:
+    if bits not in (4, 8):
+        raise MoetoolError(f"bits must be 4 or 8 (got {bits})")
+    if bits == 4 and quant_type not in QUANT_TYPES:
+        raise MoetoolError(f"quant_type must be one of {', '.join(QUANT_TYPES)} (got {quant_type!r})")
+    if bits == 4 and blocksize not in BLOCKSIZES:
+        raise MoetoolError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))} (got {blocksize})")
+
+
+def _quantize_tensor(weight, bits, quant_type, blocksize, dtype, device):
+    """A QuantizedExpertWeight holding the 3-D WEIGHT (read expert by expert)."""
+    cls = _weight_class()
+    q = cls(weight.shape, bits=bits, quant_type=quant_type, blocksize=blocksize, dtype=dtype, device=device)
+    per_expert = max(1, weight[0].numel())
+    group = max(1, CHUNK_ELEMENTS // per_expert)  # several small experts per call, one big one at a time
+    for e in range(0, weight.shape[0], group):
+        q.set_experts(e, weight[e:e + group])
+    return q
+
+
+def quantize_experts(model, bits: int = 4, quant_type: str = "nf4", blocksize: int = 64,
+                     compute_dtype=None, skip_modules=()) -> dict:
+    """Replace every fused 3-D expert weight of MODEL by 4-bit (NF4/FP4) or int8 codes, in place.
+
+    Each experts module found by :func:`expert_modules` gets, for each 3-D weight, a
+    :class:`QuantizedExpertWeight` sub-module under the same name, and is switched to its eager
+    forward. Weights are read and quantized one expert at a time and each full-precision tensor
+    is dropped as soon as it is quantized, so memory never grows above the model as it was. A
+    weight already quantized is left as it is (calling this twice is harmless). The model's
+    ``save_pretrained`` then raises :class:`MoetoolError` (transformers would write a checkpoint
+    it cannot reload) until :func:`dequantize_experts`. Offloaded experts
+    (accelerate hook with a weights map: device_map "cpu"/"disk" next to a GPU) are read from the
+    offload and their codes kept in CPU memory; they are dequantized per expert on the device the
+    forward runs on.
+
+    ``compute_dtype``: the dtype experts are dequantized to; None keeps each weight's own dtype
+    (the hidden states' dtype, which ``F.linear`` needs to match). ``skip_modules``: experts
+    modules to leave in full precision (see :func:`expert_modules`).
+
+    4-bit needs bitsandbytes on every device involved (a one-line :class:`MoetoolError`
+    otherwise); int8 is plain torch.
+
+    Returns plain data: what was quantized, bytes before and after, the ratio to bf16, time.
+    """
+    import torch
+
+    _check_args(bits, quant_type, blocksize)
+    start = time.perf_counter()
+    modules = expert_modules(model, skip_modules)
+    if bits == 4:
+        for dev in _devices_involved(modules):
+            require_backend(dev)
+    report: dict[str, Any] = {
+        "quantization": f"experts-{quant_type if bits == 4 else 'int8'}",
+        "bits": bits, "quant_type": quant_type if bits == 4 else "int8",
+        "blocksize": blocksize if bits == 4 else None,
+        "modules": len(modules), "tensors": 0, "already_quantized": 0, "experts": 0,
+        "expert_params": 0, "bytes_before": 0, "bytes_after": 0,
+        "offloaded_modules": [], "forward": {}, "compute_dtype": None,
+    }
+    if not modules:
+        report.update(seconds=round(time.perf_counter() - start, 4), ratio_vs_bf16=None, ratio_vs_before=None)
+        return report
+    devices = set()
+    for mname, module, wnames in modules:
+        for wname in wnames:
+            current = getattr(module, wname)
+            if _is_qweight(current):
+                report["already_quantized"] += 1
+                report["expert_params"] += current.numel()
+                report["bytes_before"] += current.nbytes
+                report["bytes_after"] += current.nbytes
+                continue
+            devices.add(current.device.type)
+            hook = _offload_hook(module)
+            source = current
+            storage = current.device
+            if current.device.type == "meta":
+                if hook is None or wname not in hook.weights_map:
+                    raise MoetoolError(f"{mname}.{wname} is on the meta device and no offload holds its values")
+                source = hook.weights_map[wname]  # a CPU tensor or a memory-mapped file
+                storage = torch.device("cpu")
+                if mname not in report["offloaded_modules"]:
+                    report["offloaded_modules"].append(mname)
+            dtype = compute_dtype or (source.dtype if source.is_floating_point() else torch.bfloat16)
+            report["compute_dtype"] = str(dtype).replace("torch.", "")
+            if bits == 4 and source.dtype not in (torch.float32, torch.float16, torch.bfloat16) and \
+                    not source.is_floating_point():
+                raise MoetoolError(f"{mname}.{wname}: cannot quantize a {source.dtype} tensor")
+            q = _quantize_tensor(source, bits, quant_type, blocksize, dtype, storage)
+            report["tensors"] += 1
+            report["experts"] += int(source.shape[0])
+            report["expert_params"] += source.numel()
+            report["bytes_before"] += source.numel() * source.element_size()
+            report["bytes_after"] += q.nbytes
+            _install(module, wname, q)
+            if hook is not None:
+                _drop_offloaded(hook, wname)
+            del source, current, q
+        report["forward"][mname] = _force_eager(module)
+    _guard_save(model)
+    after = report["bytes_after"]
+    report["ratio_vs_bf16"] = round(after / (2 * report["expert_params"]), 4) if report["expert_params"] else None
+    report["ratio_vs_before"] = round(after / report["bytes_before"], 4) if report["bytes_before"] else None
+    report["forward"] = _summarize_forward(report["forward"])
+    report["seconds"] = round(time.perf_counter() - start, 4)
+    report["devices"] = sorted(devices)
+    return report
+
+
+def quantize_experts_4bit(model, quant_type: str = "nf4", blocksize: int = 64, compute_dtype=None,
+                          skip_modules=()) -> dict:
+    """:func:`quantize_experts` with bitsandbytes 4-bit (NF4 by default, FP4 possible)."""
+    return quantize_experts(model, bits=4, quant_type=quant_type, blocksize=blocksize, compute_dtype=compute_dtype,
+                            skip_modules=skip_modules)
+
+
+def quantize_experts_8bit(model, compute_dtype=None, skip_modules=()) -> dict:
+    """:func:`quantize_experts` with int8 codes, one absmax scale per output row (the weight
+    format of bitsandbytes' LLM.int8, without its outlier decomposition); plain torch, so it
+    runs wherever torch does."""
+    return quantize_experts(model, bits=8, compute_dtype=compute_dtype, skip_modules=skip_modules)
+
+
+def _devices_involved(modules) -> list:
+    """Where 4-bit codes will be made (the weights' devices; CPU for offloaded ones) and read
+    (the hooks' execution devices)."""
+    import torch
+
+    devs = {}
+    for _, module, wnames in modules:
+        for wname in wnames:
+            w = getattr(module, wname)
+            dev = torch.device("cpu") if w.device.type == "meta" else w.device
+            devs[dev.type] = dev
+        exec_dev = _execution_device(module)
+        if exec_dev is not None:
+            exec_dev = torch.device(exec_dev) if not isinstance(exec_dev, int) else torch.device("cuda", exec_dev)
+            devs.setdefault(exec_dev.type, exec_dev)
+    return list(devs.values())
+
+
+def _install(module, name: str, qweight) -> None:
+    if name in module._parameters:
+        del module._parameters[name]
+    module.add_module(name, qweight)
+
+
+def _summarize_forward(per_module: dict) -> str:
+    kinds = sorted(set(per_module.values()))
+    return kinds[0] if len(kinds) == 1 else ", ".join(kinds)
+
+
+def dequantize_experts(model) -> int:
+    """Undo :func:`quantize_experts`: every QuantizedExpertWeight becomes a full 3-D
+    ``nn.Parameter`` again (dequantized values, so the quantization error stays) and the experts
+    modules get back their class forward. Returns how many tensors were restored."""
+    from torch import nn
+
+    count = 0
+    for _, module, wnames in expert_modules(model):
+        for wname in wnames:
+            q = module._modules.get(wname)
+            if not _is_qweight(q):
+                continue
+            full = q.dequantize()
+            del module._modules[wname]
+            module.register_parameter(wname, nn.Parameter(full, requires_grad=False))
+            count += 1
+        _unforce_eager(module)
+    if not any(_is_qweight(m) for m in model.modules()):
+        _unguard_save(model)
+    return count
+
+
+# -- sizes ----------------------------------------------------------------------------------------------
+def _tensor_bytes(t) -> int:
+    n = t.numel() * t.element_size()
+    qs = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: absmax (nested too) beside the codes
+    if qs is not None:
+        for attr in ("absmax", "code", "offset"):
+            extra = getattr(qs, attr, None)
+            if extra is not None and hasattr(extra, "numel"):
+                n += extra.numel() * extra.element_size()
+        nested = getattr(qs, "state2", None)
+        if nested is not None:
+            for attr in ("absmax", "code"):
+                extra = getattr(nested, attr, None)
+                if extra is not None and hasattr(extra, "numel"):
+                    n += extra.numel() * extra.element_size()
+    scb = getattr(t, "SCB", None)  # bitsandbytes Int8Params row scales
+    if scb is not None and hasattr(scb, "numel"):
+        n += scb.numel() * scb.element_size()
+    return n
+
+
+def _unique_tensors(module):
+    seen = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        yield t
+
+
+def _linear_quantization(model) -> str:
+    kinds = set()
+    for m in model.modules():
+        cls = type(m).__name__
+        if cls in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            qs = getattr(getattr(m, "weight", None), "quant_state", None)
+            kinds.add(getattr(qs, "quant_type", None) or getattr(m.weight, "quant_type", None) or "4bit")
+        elif cls == "Linear8bitLt":
+            kinds.add("int8")
+    if not kinds:
+        return "none"
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _label(linear: str, experts: str, expert_dtype: str | None, has_experts: bool = True) -> str:
+    if linear == "none" and experts == "none":
+        return "none"
+    if experts == "none" and not has_experts:
+        return f"bnb-{linear}"
+    if experts == "none":
+        return f"bnb-{linear}, experts {expert_dtype or 'full precision'}"  # the trap, spelled out
+    if linear == "none":
+        return f"experts-{experts}"
+    if linear == experts:
+        return f"bnb-{linear}"
+    return f"bnb-{linear}, experts {experts}"
+
+
+def expert_weight_bytes(model) -> dict:
+    """Bytes of MODEL's weights as held in memory, the fused experts' share, and what is
+    quantized. Plain data:
+
+    ``weight_bytes`` every parameter and buffer (bitsandbytes quantization state included; an
+    offloaded tensor counts at its dtype), ``expert_weight_bytes`` the experts modules' tensors
+    (codes and scales when quantized, biases included), ``expert_params`` / ``expert_bf16_bytes``
+    the experts' element count and its size in bf16, ``expert_ratio_vs_bf16``,
+    ``experts_quantized`` ("nf4", "fp4", "int8", "none", "mixed"), ``linear_quantization``
+    (bitsandbytes ``nn.Linear`` replacements), ``quantization`` a label ("bnb-nf4" when both are
+    4-bit; "bnb-nf4, experts bfloat16" is the trap), ``offloaded_bytes`` (tensors on meta).
+    """
+    total = sum(_tensor_bytes(t) for t in _unique_tensors(model))
+    offloaded = sum(_tensor_bytes(t) for t in _unique_tensors(model) if t.device.type == "meta")
+    expert_bytes = 0
+    expert_params = 0
+    kinds = set()
+    dtypes = set()
+    modules = expert_modules(model)
+    for _, module, wnames in modules:
+        expert_bytes += sum(_tensor_bytes(t) for t in _unique_tensors(module))
+        for t in module.parameters(recurse=False):
+            expert_params += t.numel()
+            if t.ndim == 3:
+                dtypes.add(str(t.dtype).replace("torch.", ""))
+        for wname in wnames:
+            w = module._modules.get(wname)
+            if _is_qweight(w):
+                expert_params += w.numel()
+                kinds.add(w.quant_type)
+            else:
+                kinds.add("none")
+    experts = "none" if not kinds else (kinds.pop() if len(kinds) == 1 else "mixed")
+    linear = _linear_quantization(model)
+    bf16 = 2 * expert_params
+    return {
+        "weight_bytes": int(total),
+        "expert_weight_bytes": int(expert_bytes),
+        "expert_params": int(expert_params),
+        "expert_bf16_bytes": int(bf16),
+        "expert_ratio_vs_bf16": round(expert_bytes / bf16, 4) if bf16 else None,
+        "expert_share": round(expert_bytes / total, 4) if total else None,
+        "expert_modules": len(modules),
+        "experts_quantized": experts,
+        "linear_quantization": linear,
+        "quantization": _label(linear, experts, ",".join(sorted(dtypes)) or None, bool(modules)),
+        "offloaded_bytes": int(offloaded),
+    }
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quantize_experts_on_load(bits: int, quant_type: str, blocksize: int, compute_dtype, counter: dict,
+                              skip_modules=()):
+    """While active, transformers' bitsandbytes quantizers (4- and 8-bit) also claim the fused
+    3-D expert weights and hand them to us as soon as each is read (after any checkpoint
+    conversion, e.g. per-expert w1/w3 -> fused gate_up_proj): we quantize it and install the
+    QuantizedExpertWeight in the model. Only one fused tensor is ever held in full precision.
+
+    Relies on transformers' HfQuantizer hooks (``param_needs_quantization``,
+    ``get_quantize_ops``); if they are not there, nothing is patched and the experts are
+    quantized after loading instead (``counter['patched']`` says which)."""
+    try:
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+        from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+        from transformers.quantizers.quantizers_utils import get_module_from_name
+    except ImportError:
+        counter["patched"] = False
+        yield
+        return
+    classes = [c for c in (Bnb4BitHfQuantizer, Bnb8BitHfQuantizer)
+               if callable(getattr(c, "param_needs_quantization", None)) and callable(getattr(c, "get_quantize_ops", None))]
+    if len(classes) != 2:
+        counter["patched"] = False
+        yield
+        return
+    saved = {c: (c.__dict__.get("param_needs_quantization"), c.__dict__.get("get_quantize_ops")) for c in classes}
+
+    def is_expert_weight(model, param_name: str) -> bool:
+        try:
+            module, name = get_module_from_name(model, param_name)
+        except (AttributeError, ValueError):
+            return False
+        if name not in EXPERT_WEIGHT_NAMES or _skipped(param_name.rpartition(".")[0], skip_modules):
+            return False
+        current = getattr(module, name, None)
+        if _is_qweight(current):
+            return True
+        if current is None or getattr(current, "ndim", 0) != 3:
+            return False
+        return any(getattr(module._parameters.get(m), "ndim", 0) == 3 or _is_qweight(module._modules.get(m))
+                   for m in _MARKERS)
+
+    class ExpertsQuantize:
+        """A transformers ConversionOps (duck-typed): quantizes fused expert weights, passes
+        everything else to bitsandbytes' own op."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
+            rest = {}
+            for key, value in input_dict.items():
+                if model is None or not is_expert_weight(model, key):
+                    rest[key] = value
+                    continue
+                tensor = value[0] if isinstance(value, list) else value
+                module, name = get_module_from_name(model, key)
+                dtype = compute_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+                q = _quantize_tensor(tensor, bits, quant_type, blocksize, dtype, tensor.device)
+                del tensor, value
+                _install(module, name, q)
+                counter["tensors"] = counter.get("tensors", 0) + 1
+                if missing_keys is not None:
+                    missing_keys.discard(key)
+            if not rest:
+                return {}
+            return self.inner.convert(rest, model=model, missing_keys=missing_keys, **kwargs)
+
+        def __getattr__(self, name):  # reverse_op and friends: bitsandbytes' op answers
+            return getattr(self.inner, name)
+
+    def patch(cls, original_needs, original_ops):
+        def param_needs_quantization(self, model, param_name, **kwargs):
+            return is_expert_weight(model, param_name) or original_needs(self, model, param_name, **kwargs)
+
+        def get_quantize_ops(self):
+            return ExpertsQuantize(original_ops(self))
+
+        cls.param_needs_quantization = param_needs_quantization
+        cls.get_quantize_ops = get_quantize_ops
+
+    with _LOAD_LOCK:
+        try:
+            for c in classes:
+                patch(c, c.param_needs_quantization, c.get_quantize_ops)
+            counter["patched"] = True
+            yield
+        finally:
+            for c, (needs, ops) in saved.items():
+                for attr, value in (("param_needs_quantization", needs), ("get_quantize_ops", ops)):
+                    if value is None:
+                        if attr in c.__dict__:
+                            delattr(c, attr)
+                    else:
+                        setattr(c, attr, value)
+
+
+def _resolve_dtype(dtype):
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return "auto"
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise MoetoolError(f"unknown dtype '{dtype}'")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def _target_device(device_map):
+    """The device the model will compute on, to check the bitsandbytes backend for."""
+    import torch
+
+    if isinstance(device_map, dict):
+        devs = [str(v) for v in device_map.values() if str(v) not in ("cpu", "disk", "meta")]
+        if devs:
+            d = devs[0]
+            return torch.device(f"cuda:{d}" if d.isdigit() else d)
+        return torch.device("cpu")
+    if isinstance(device_map, int):
+        return torch.device(f"cuda:{device_map}")
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device(device_map)
+    if isinstance(device_map, torch.device):
+        return device_map
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: str, blocksize: int,
+                    double_quant: bool, quantize_experts_too: bool, quantization_config_kwargs: dict | None,
+                    kwargs: dict):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _check_args(bits, quant_type, blocksize)
+    target = _target_device(device_map)
+    backend = require_backend(target)
+    torch_dtype = _resolve_dtype(dtype)
+    bnb_kwargs = dict(quantization_config_kwargs or {})
+    skip = list(bnb_kwargs.get("llm_int8_skip_modules") or [])  # the user's: honoured for experts too
+    if bits == 4:
+        bnb_kwargs.setdefault("bnb_4bit_quant_type", quant_type)
+        bnb_kwargs.setdefault("bnb_4bit_use_double_quant", double_quant)
+        if isinstance(torch_dtype, torch.dtype):
+            bnb_kwargs.setdefault("bnb_4bit_compute_dtype", torch_dtype)
+        config = BitsAndBytesConfig(load_in_4bit=True, **bnb_kwargs)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, **bnb_kwargs)
+    notes = []
+    if isinstance(device_map, dict):
+        values = set(map(str, device_map.values()))
+        if values != {"cpu"} and values & {"cpu", "disk"}:
+            _allow_offload(config, notes)
+    kwargs = dict(kwargs)
+    kwargs.pop("quantization_config", None)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    counter: dict = {}
+    start = time.perf_counter()
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for attempt in (1, 2):
+            ctx = _quantize_experts_on_load(bits, quant_type, blocksize, None, counter, skip) \
+                if quantize_experts_too else contextlib.nullcontext()
+            try:
+                with ctx, warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*MatMul8bitLt.*")
+                    model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=torch_dtype,
+                                                                 quantization_config=config, **kwargs)
+                break
+            except ValueError as exc:
+                # a computed device map ("auto" with max_memory...) that spills to cpu/disk:
+                # bitsandbytes wants to be told those modules' nn.Linear stay unquantized
+                if attempt == 2 or "llm_int8_enable_fp32_cpu_offload" not in str(exc) or \
+                        getattr(config, "llm_int8_enable_fp32_cpu_offload", False):
+                    raise
+                _allow_offload(config, notes)
+                counter.clear()
+    finally:
+        quiet.setLevel(level)
+    load_seconds = time.perf_counter() - start
+    model.eval()
+    if quantize_experts_too:
+        after = quantize_experts(model, bits=bits, quant_type=quant_type, blocksize=blocksize, skip_modules=skip)
+    else:
+        after = None
+    sizes = expert_weight_bytes(model)
+    report = {
+        "quantization": sizes["quantization"],
+        "bits": bits,
+        "linear": sizes["linear_quantization"],
+        "experts": sizes["experts_quantized"],
+        "quant_type": quant_type if bits == 4 else "int8",
+        "blocksize": blocksize if bits == 4 else None,
+        "double_quant": bool(double_quant) if bits == 4 else None,
+        "dtype": str(torch_dtype).replace("torch.", ""),
+        "device": str(target),
+        "backend": backend,
+        "experts_quantized_while_loading": int(counter.get("tensors", 0)),
+        "experts_quantized_after_loading": int(after["tensors"]) if after else 0,
+        "experts_forward": after["forward"] if after else None,
+        "offloaded_expert_modules": after["offloaded_modules"] if after else [],
+        "load_seconds": round(load_seconds, 4),
+        "seconds": round(time.perf_counter() - start, 4),
+        **{k: sizes[k] for k in ("weight_bytes", "expert_weight_bytes", "expert_params", "expert_bf16_bytes",
+                                  "expert_ratio_vs_bf16", "offloaded_bytes")},
+    }
+    if not quantize_experts_too:
+        notes.append("experts left in full precision (quantize_experts=False)")
+    remote = _experts_away_from_execution(model)
+    report["offloaded_expert_modules"] = sorted(set(report["offloaded_expert_modules"]) | set(remote))
+    if report["offloaded_expert_modules"]:
+        notes.append("experts the device map puts on cpu/disk are held quantized in CPU memory and "
+                     "dequantized per expert on the execution device")
+    report["notes"] = notes
+    model.moetool_quantization = report["quantization"]
+    model.moetool_quant_report = report
+    return model, report
+
+
+def _experts_away_from_execution(model) -> list[str]:
+    """Experts modules whose codes live on another device than the one their forward runs on."""
+    import torch
+
+    away = []
+    for name, module, wnames in expert_modules(model):
+        exec_dev = _execution_device(module)
+        for wname in wnames:
+            w = module._modules.get(wname)
+            if _is_qweight(w) and exec_dev is not None and torch.device(exec_dev) != w.device:
+                away.append(name)
+                break
+    return away
+
+
+def _allow_offload(config, notes: list) -> None:
+    config.llm_int8_enable_fp32_cpu_offload = True
+    notes.append("nn.Linear layers the device map puts on cpu/disk stay in full precision "
+                 "(bitsandbytes' llm_int8_enable_fp32_cpu_offload)")
+
+
+def load_in_4bit(model_id_or_path, dtype="bfloat16", device_map=None, *, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = False, quantize_experts: bool = True,
+                 quantization_config_kwargs: dict | None = None, **kwargs):
+    """Load a causal LM with every ``nn.Linear`` (except what bitsandbytes skips: ``lm_head``)
+    AND every fused expert weight in 4-bit. Returns ``(model, report)``.
+
+    ``dtype`` is the dtype of what stays in full precision (embeddings, norms, routers, lm_head,
+    expert biases) and the dtype experts are dequantized to ("auto" keeps the checkpoint's).
+    ``device_map`` and ``kwargs`` (``local_files_only``, ``trust_remote_code``,
+    ``offload_folder``, ``max_memory``...) go to ``from_pretrained``. ``blocksize`` applies to the
+    experts (Linear layers use bitsandbytes' own, 64); ``double_quant`` to the Linear layers.
+    ``quantize_experts=False`` reproduces plain ``BitsAndBytesConfig(load_in_4bit=True)``
+    (experts left in full precision) for comparison.
+
+    Raises :class:`MoetoolError` (one line) where bitsandbytes is missing or cannot run on the
+    target device.
+    """
+    return _load_quantized(model_id_or_path, 4, dtype, device_map, quant_type, blocksize, double_quant,
+                           quantize_experts, quantization_config_kwargs, kwargs)
+
+
+def load_in_8bit(model_id_or_path, dtype="bfloat16", device_map=None, *, quantize_experts: bool = True,
+                 quantization_config_kwargs: dict | None = None, **kwargs):
+    """Load with bitsandbytes LLM.int8 ``nn.Linear`` layers and int8 experts (one absmax scale
+    per output row; :func:`quantize_experts_8bit`). Returns ``(model, report)``;
+    ``quantize_experts=False`` leaves the experts in full precision, as plain
+    ``BitsAndBytesConfig(load_in_8bit=True)`` does."""
+    return _load_quantized(model_id_or_path, 8, dtype, device_map, "nf4", 64, False,
+                           quantize_experts, quantization_config_kwargs, kwargs)

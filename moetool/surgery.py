@@ -1,0 +1,905 @@
+"""Checkpoint surgery on safetensors files, streaming: the machinery `prune` and `merge-experts`
+share.
+
+A surgery is a :class:`SurgeryPlan`: for every MoE layer, the list of output experts, each a
+weighted combination of input experts (pruning: one source with weight 1; merging: a group
+with usage weights, optionally with a neuron permutation per member). Everything else follows
+from the family spec (``moetool/families/*.json``):
+
+- per-expert tensors (``expert`` templates, ``{E}`` in the name) are renamed to the output
+  expert's index (pruning: the bytes are copied unchanged) or combined (merging);
+- tensors with one row per routed expert (``"expert_rows": true``: router weight, DeepSeek's
+  ``e_score_correction_bias``, gpt-oss router bias) and fused expert tensors
+  (``"fused": true``, first dim = expert) keep the rows of the output experts, in order
+  (merging: the same weighted combination of rows);
+- companions of per-expert tensors that the spec does not name (quantization scales such as
+  ``...gate_proj.weight_scale_inv``) follow their expert;
+- every other tensor (attention, norms, embeddings, shared experts, dense layers) is copied
+  byte for byte;
+- DeepSeek multi-token-prediction layers (beyond ``num_hidden_layers``; transformers does not
+  load them) are dropped and ``num_nextn_predict_layers`` set to 0.
+
+Streaming: output shard i holds what came from input shard i. Its header is computed before
+any data is read (every output name, dtype and shape is known from the plan), then each tensor
+is produced and written in turn: copied tensors and kept rows go from file to file with
+``os.copy_file_range`` (no Python buffer at all), combined tensors are computed from the
+group's source tensors, read as needed from whichever shard holds them. Peak memory is one
+merged group, never a shard and never the model.
+
+Safety: the input is only read. The output is written to a temporary directory beside
+``--out`` and renamed into place when complete (``os.replace``); an existing ``--out`` is
+refused unless ``force``; any failure (an exception, Ctrl-C, SIGTERM, a full disk) removes the
+temporary directory, so nothing complete-looking is ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from moetool.errors import MoetoolError
+from moetool.safetensors_header import DTYPE_BYTES, checkpoint_files, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+NOT_COPIED = {INDEX_NAME, "config.json", "README.md", "pytorch_model.bin.index.json"}
+COPY_CHUNK = 64 * 2**20
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+@dataclass
+class OutExpert:
+    """One expert of the output: a weighted combination of input experts of the same layer.
+
+    ``perms[i]`` (merging with alignment) reorders the hidden neurons of source i before
+    averaging: row n of the aligned gate/up projection is row ``perms[i][n]`` of the source.
+    """
+
+    sources: list[int]
+    weights: list[float] = field(default_factory=lambda: [1.0])
+    perms: list | None = None
+    row_weights: list[float] | None = None  # router rows (and biases): default = weights
+
+    @property
+    def anchor(self) -> int:
+        return self.sources[0]
+
+    @property
+    def is_copy(self) -> bool:
+        return (len(self.sources) == 1 and self.weights[0] == 1.0 and self.perms is None
+                and (self.row_weights is None or self.row_weights[0] == 1.0))
+
+
+@dataclass
+class SurgeryPlan:
+    layers: dict[int, list[OutExpert]]  # MoE decoder layer -> output experts (index = new id)
+    config_updates: dict[str, Any]  # language-model config key -> new value
+    method: str  # "prune" | "merge-experts"
+    details: dict = field(default_factory=dict)  # what the card records about the method
+
+    @property
+    def num_experts(self) -> int:
+        counts = {len(v) for v in self.layers.values()}
+        if len(counts) != 1:
+            raise MoetoolError(f"every MoE layer must keep the same number of experts (got {sorted(counts)})")
+        return counts.pop()
+
+
+# -- reading the input ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.begin + self.nbytes
+
+
+class Checkpoint:
+    """A local safetensors checkpoint: config, family, and where every tensor's bytes are."""
+
+    def __init__(self, model: str):
+        from moetool.params import resolve_family
+        from moetool.source import read_json, resolve
+
+        source = resolve(model)
+        if source.kind != "checkpoint" or source.path is None:
+            raise MoetoolError(f"{model}: a {source.kind} has no weights; give a checkpoint directory")
+        self.name = model
+        self.path = Path(source.path)
+        self.source = source
+        self.rc = resolve_family(source)
+        self.family = self.rc.family
+        self.raw_config = read_json(self.path / "config.json")
+        files = checkpoint_files(self.path)
+        if not files:
+            pickled = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+            if pickled:
+                raise MoetoolError(f"{model}: only pickled weights ({pickled[0]}); moetool reads safetensors "
+                                   "checkpoints only (it never unpickles weights)")
+            raise MoetoolError(f"{model}: no safetensors files in this checkpoint")
+        self.files = files
+        self.entries: dict[str, Entry] = {}
+        self.file_entries: dict[Path, list[Entry]] = {}
+        self.file_metadata: dict[Path, dict] = {}
+        for path in files:
+            _, metadata = read_header(path)  # validates sizes and offsets
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            entries = []
+            for name, info in header.items():
+                b, e = info["data_offsets"]
+                ent = Entry(name, info["dtype"], tuple(info["shape"]), path, 8 + n + b, e - b)
+                if name in self.entries:
+                    raise MoetoolError(f"{model}: tensor {name} is in both {self.entries[name].file.name} and {path.name}")
+                self.entries[name] = ent
+                entries.append(ent)
+            entries.sort(key=lambda x: x.begin)
+            self.file_entries[path] = entries
+            self.file_metadata[path] = metadata
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    @property
+    def largest_shard(self) -> int:
+        return max(p.stat().st_size for p in self.files)
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, buffer: bytearray | None = None):
+        """The tensor NAME as a torch tensor in its own dtype (``rows``: only dim-0 rows a..b).
+        With BUFFER (large enough), the bytes are read into it and the tensor is a view of it
+        (valid until the buffer is reused): no allocation per read."""
+        import torch
+
+        ent = self.entries[name]
+        dtype = torch_dtype(ent.dtype)
+        begin, nbytes, shape = ent.begin, ent.nbytes, ent.shape
+        if rows is not None:
+            per_row = ent.nbytes // ent.shape[0]
+            begin += rows[0] * per_row
+            nbytes = (rows[1] - rows[0]) * per_row
+            shape = (rows[1] - rows[0],) + ent.shape[1:]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if buffer is None:
+            buffer = bytearray(nbytes)
+        elif len(buffer) < nbytes:
+            raise ValueError("buffer too small")
+        view = memoryview(buffer)[:nbytes]
+        fd, got = self.fd(ent.file), 0
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], begin + got)
+            if n <= 0:
+                raise MoetoolError(f"{ent.file}: truncated while reading {name}")
+            got += n
+        return torch.frombuffer(buffer, dtype=dtype, count=nbytes // torch.empty((), dtype=dtype).element_size()
+                                ).reshape(shape)
+
+    def lm_config(self, config: dict) -> dict:
+        """The dict inside CONFIG that holds the language model's keys (text_config of a wrapper)."""
+        if self.source.wrapper and isinstance(config.get("text_config"), dict):
+            return config["text_config"]
+        return config
+
+
+def torch_dtype(dtype: str):
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+        if hasattr(torch, attr):
+            table[name] = getattr(torch, attr)
+    if dtype not in table:
+        raise MoetoolError(f"tensors of dtype {dtype} cannot be computed on (only copied)")
+    return table[dtype]
+
+
+# -- what each tensor is ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kind:
+    kind: str  # "expert" | "rows" | "fused" | "mtp" | "plain"
+    layer: int | None = None
+    expert: int | None = None
+    template: str | None = None  # output name template ({E} for experts)
+    proj: str | None = None  # gate | up | down for expert matrices
+
+
+def _spec_index(family) -> dict[str, dict]:
+    out = {}
+    for group in family.spec["tensors"].values():
+        for spec in group:
+            out[spec["name"]] = spec
+    for spec in family.spec.get("aliases", []):
+        out.setdefault(spec["name"], {**spec, "alias": True})
+    return out
+
+
+def classify(ckpt: Checkpoint, name: str) -> Kind:
+    """What NAME is for surgery (see the module docstring)."""
+    fam, rc = ckpt.family, ckpt.rc
+    specs = getattr(ckpt, "_specs", None)
+    if specs is None:
+        specs = ckpt._specs = _spec_index(fam)
+    m = fam.classify(name)
+    template = m.template if m is not None else None
+    if m is None:
+        # a companion of a per-expert tensor the spec does not name (...gate_proj.weight_scale_inv)
+        base, _, last = name.rpartition(".")
+        cand = fam.classify(base + ".weight") if base and last != "weight" else None
+        if cand is not None and cand.expert is not None:
+            m, template = cand, cand.template.rpartition(".")[0] + "." + last
+    if m is None:
+        # a companion of a fused expert tensor (gpt-oss MXFP4 ..._blocks / ..._scales)
+        for spec_name, spec in specs.items():
+            if spec.get("fused") and "{L}" in spec_name:
+                rx = re.escape(spec_name).replace(r"\{L\}", r"(?P<L>\d+)") + r"_[A-Za-z0-9_]+$"
+                mm = re.match(rx, name)
+                if mm:
+                    layer = int(mm.group("L"))
+                    return Kind("mtp", layer) if layer >= rc.num_layers else Kind("fused", layer, template=name)
+        layer = _layer_of(name)
+        if layer is not None and layer >= rc.num_layers and rc.mtp_layers:
+            return Kind("mtp", layer)
+        return Kind("plain")
+    if m.layer is not None and m.layer >= rc.num_layers:
+        if not rc.mtp_layers:
+            raise MoetoolError(f"{name}: layer {m.layer} is beyond the config's {rc.num_layers} layers")
+        return Kind("mtp", m.layer)
+    spec = specs.get(m.template, {})
+    if m.expert is not None:
+        return Kind("expert", m.layer, m.expert, template.replace("{L}", str(m.layer)), spec.get("proj"))
+    if m.layer is not None and rc.is_moe_layer(m.layer):
+        if spec.get("expert_rows") or (spec.get("alias") and m.role == "router"):
+            return Kind("rows", m.layer, template=name)
+        if spec.get("fused") or (m.role == "routed_experts" and "{E}" not in m.template):
+            return Kind("fused", m.layer, template=name)
+    return Kind("plain", m.layer)
+
+
+_LAYER_RX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_RX.search(name)
+    return int(m.group(1)) if m else None
+
+
+# -- config -------------------------------------------------------------------------------------------------
+_IDENT = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:or\s+[\w'\"]+\s*)?$")
+
+
+def config_keys(family, field_name: str) -> list[str]:
+    """The config keys that hold FIELD (e.g. num_experts): the key the family's ``fields``
+    expression reads, then the keys its ``defaults`` fall back to (``n_routed_experts`` ->
+    ``num_local_experts``). A field computed by an expression has no key: []."""
+    explicit = family.spec.get("config_keys", {}).get(field_name)
+    if explicit:
+        return list(explicit)
+    expr = family.spec["fields"].get(field_name)
+    if not isinstance(expr, str):
+        return []
+    m = _IDENT.match(expr)
+    if not m:
+        return []
+    keys = [m.group(1)]
+    defaults = family.spec.get("defaults", {})
+    while isinstance(defaults.get(keys[-1]), str) and _IDENT.match(defaults[keys[-1]]) \
+            and not defaults[keys[-1]].startswith("'") and _IDENT.match(defaults[keys[-1]]).group(1) not in keys:
+        keys.append(_IDENT.match(defaults[keys[-1]]).group(1))
+    return keys
+
+
+def set_config_field(config: dict, family, field_name: str, value) -> list[str]:
+    """Set FIELD to VALUE under every key that holds it in CONFIG (the first key when none
+    does); returns the keys written."""
+    keys = config_keys(family, field_name)
+    if not keys:
+        raise MoetoolError(f"the {family.name} family spec names no config key for {field_name}")
+    present = [k for k in keys if k in config]
+    for k in present or keys[:1]:
+        config[k] = value
+    return present or keys[:1]
+
+
+def grouped_routing(rc) -> tuple[int, int, int] | None:
+    """(n_group, topk_group, min experts per group) when RC routes group-limited, else None.
+    From the family spec's ``grouped_routing``: ``when`` (expression) and ``min_per_group``."""
+    spec = rc.family.spec.get("grouped_routing")
+    if not spec:
+        return None
+    from moetool.expr import evaluate
+
+    if not evaluate(spec.get("when", "n_group > 1"), rc.names):
+        return None
+    n_group = int(rc.fields.get("n_group") or 1)
+    topk_group = int(rc.fields.get("topk_group") or 1)
+    if n_group <= 1:
+        return None
+    return n_group, topk_group, int(spec.get("min_per_group", 1))
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    write: Callable[[int], None]  # writes exactly nbytes at the fd's current position
+    source_bytes: int = 0  # input bytes this tensor accounts for (progress)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
+    """Copy NBYTES at OFFSET of SRC_FD to DST_FD's current position: in the kernel where the
+    filesystem allows (copy_file_range), else through a bounded buffer."""
+    global _COPY_FILE_RANGE
+    left, pos = nbytes, offset
+    if _COPY_FILE_RANGE:
+        try:
+            while left:
+                n = os.copy_file_range(src_fd, dst_fd, min(left, 1 << 30), pos)
+                if n == 0:
+                    raise MoetoolError("input file ended early while copying")
+                left -= n
+                pos += n
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            _COPY_FILE_RANGE = False
+    while left:
+        chunk = os.pread(src_fd, min(left, COPY_CHUNK), pos)
+        if not chunk:
+            raise MoetoolError("input file ended early while copying")
+        _write_all(dst_fd, chunk)
+        left -= len(chunk)
+        pos += len(chunk)
+
+
+def write_tensor_bytes(fd: int, tensor) -> None:
+    """Write a torch tensor's bytes (C order) to FD."""
+    t = tensor.contiguous()
+    if t.numel() == 0:
+        return
+    import torch
+
+    _write_all(fd, t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _dtype_align(dtype: str) -> int:
+    b = DTYPE_BYTES.get(dtype, 1)
+    return max(1, int(b)) if b >= 1 else 1
+
+
+def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict | None = None,
+                      on_tensor: Callable[[OutTensor], None] | None = None) -> int:
+    """Write one safetensors file: the header first (computed from names, dtypes and shapes),
+    then each tensor's bytes as its writer produces them; fsync at the end. Tensors are laid
+    out widest dtype first so every tensor starts aligned to its element size."""
+    order = sorted(tensors, key=lambda t: -_dtype_align(t.dtype))
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for t in order:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        start = 8 + len(raw)
+        for t in order:
+            before = os.lseek(fd, 0, os.SEEK_CUR)
+            t.write(fd)
+            wrote = os.lseek(fd, 0, os.SEEK_CUR) - before
+            if wrote != t.nbytes:
+                raise RuntimeError(f"{t.name}: wrote {wrote} bytes, expected {t.nbytes}")
+            if on_tensor:
+                on_tensor(t)
+        size = os.lseek(fd, 0, os.SEEK_CUR)
+        if size != start + offset:
+            raise RuntimeError(f"{path.name}: wrote {size} bytes, expected {start + offset}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+# -- atomic output directory ------------------------------------------------------------------------------------
+def check_output(out: str | Path, inputs: Iterable[Path], force: bool) -> Path:
+    """Refuse an OUT that exists (without FORCE), is a file, or overlaps an input."""
+    out = Path(out).expanduser()
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise MoetoolError(f"--out {out}: directory {parent} does not exist")
+    real = out.resolve()
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if real == src or src in real.parents or real in src.parents:
+            raise MoetoolError(f"--out {out} overlaps the input checkpoint {inp}; write somewhere else")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise MoetoolError(f"--out {out} already exists (use --force to replace it)")
+        if not out.is_dir() or out.is_symlink():
+            raise MoetoolError(f"--out {out} exists and is not a directory; not replacing it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool):
+    """Yield a temporary directory beside OUT; on success move it to OUT (replacing OUT with
+    FORCE), on any failure remove it. SIGTERM is turned into a clean failure meanwhile."""
+    out = Path(out)
+    parent = out.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    previous = None
+    in_main = _in_main_thread()
+    if in_main:
+        def on_term(signum, frame):
+            raise KeyboardInterrupt("terminated")
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise MoetoolError(f"--out {out} appeared while writing (use --force to replace it)")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_disk_space(where: Path, needed: int) -> None:
+    free = shutil.disk_usage(where).free
+    margin = 16 * 2**20
+    if free < needed + margin:
+        from moetool.render import human_bytes
+
+        raise MoetoolError(f"not enough disk space in {where}: the output needs {human_bytes(needed)}, "
+                           f"{human_bytes(free)} free")
+
+
+# -- the surgery ---------------------------------------------------------------------------------------------------
+class _Combiner:
+    """Computes merged tensors: a float32 accumulator per output tensor, the sources read one at
+    a time into one reusable buffer (peak memory: accumulator + one source + the buffer)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.buffer = bytearray(0)
+
+    def _read(self, name: str, rows=None):
+        ent = self.ckpt.entries[name]
+        need = ent.nbytes if rows is None else (rows[1] - rows[0]) * (ent.nbytes // ent.shape[0])
+        if len(self.buffer) < need:
+            self.buffer = bytearray(need)
+        return self.ckpt.read(name, rows=rows, buffer=self.buffer)
+
+    def expert_tensor(self, template: str, out: OutExpert, proj: str | None, dtype: str):
+        import torch
+
+        acc = scratch = None
+        for i, (src, w) in enumerate(zip(out.sources, out.weights)):
+            t = self._read(template.replace("{E}", str(src)))
+            if out.perms is not None and out.perms[i] is not None:
+                perm = torch.as_tensor(out.perms[i], dtype=torch.long)
+                if proj in ("gate", "up"):
+                    t = t.index_select(0, perm)
+                elif proj == "down":
+                    t = t.index_select(1, perm)
+                else:
+                    raise MoetoolError(f"cannot align {template}: the family spec gives it no proj (gate/up/down)")
+            if acc is None:  # same-dtype kernels: mixed bf16/f32 arithmetic is several times slower
+                acc = torch.empty(t.shape, dtype=torch.float32)
+                acc.copy_(t)
+                acc.mul_(w)
+            else:
+                if scratch is None:
+                    scratch = torch.empty(t.shape, dtype=torch.float32)
+                scratch.copy_(t)
+                acc.add_(scratch, alpha=w)
+        return acc.to(torch_dtype(dtype))
+
+    def rows(self, name: str, outs: list[OutExpert], dtype: str):
+        import torch
+
+        pieces = []
+        for out in outs:
+            acc = None
+            for src, w in zip(out.sources, out.row_weights or out.weights):
+                t = self._read(name, rows=(src, src + 1)).to(torch.float32, copy=True)  # not a view of the buffer
+                acc = t.mul_(w) if acc is None else acc.add_(t, alpha=w)
+            pieces.append(acc)
+        return torch.cat(pieces).to(torch_dtype(dtype))
+
+
+def _check_plan(ckpt: Checkpoint, plan: SurgeryPlan) -> None:
+    rc = ckpt.rc
+    if sorted(plan.layers) != list(rc.moe_layers):
+        raise MoetoolError(f"internal: plan covers layers {sorted(plan.layers)}, the model's MoE layers are {rc.moe_layers}")
+    E = rc.num_experts
+    for L, outs in plan.layers.items():
+        if not outs:
+            raise MoetoolError(f"layer {L}: no experts left")
+        seen: set[int] = set()
+        for o in outs:
+            if len(o.sources) != len(o.weights) or not o.sources:
+                raise MoetoolError(f"internal: layer {L}: malformed output expert {o}")
+            for s in o.sources:
+                if not 0 <= s < E:
+                    raise MoetoolError(f"internal: layer {L}: expert {s} is not in 0..{E - 1}")
+                if s in seen:
+                    raise MoetoolError(f"internal: layer {L}: expert {s} used twice")
+                seen.add(s)
+
+
+def _plan_outputs(ckpt: Checkpoint, plan: SurgeryPlan) -> tuple[list[tuple[Path, list[OutTensor]]], dict]:
+    """Per input shard, the output tensors (with writers) it gives rise to."""
+    combiner = _Combiner(ckpt)
+    merging = any(not o.is_copy for outs in plan.layers.values() for o in outs)
+    # where each merged expert's tensors are written: beside its anchor's tensors
+    shards: list[tuple[Path, list[OutTensor]]] = []
+    stats = {"copied": 0, "renamed": 0, "rows": 0, "merged": 0, "dropped": 0, "mtp_dropped": 0, "unclassified": 0}
+    needed_expert_names: set[str] = set()
+    for path in ckpt.files:
+        outs: list[OutTensor] = []
+        for ent in ckpt.file_entries[path]:
+            kind = classify(ckpt, ent.name)
+            if kind.kind == "mtp":
+                stats["mtp_dropped"] += 1
+                continue
+            if kind.kind == "plain":
+                outs.append(_copy_tensor(ckpt, ent, ent.name))
+                stats["copied"] += 1
+                if ckpt.family.classify(ent.name) is None:
+                    stats["unclassified"] += 1
+                continue
+            layer_plan = plan.layers.get(kind.layer)
+            if layer_plan is None:
+                raise MoetoolError(f"{ent.name}: an expert tensor of layer {kind.layer}, which is not a MoE layer of this config")
+            if kind.kind == "expert":
+                for j, o in enumerate(layer_plan):
+                    if o.anchor != kind.expert:
+                        continue
+                    out_name = kind.template.replace("{E}", str(j))
+                    for s in o.sources:
+                        needed_expert_names.add(kind.template.replace("{E}", str(s)))
+                    if o.is_copy:
+                        outs.append(_copy_tensor(ckpt, ent, out_name))
+                        stats["renamed" if j != kind.expert else "copied"] += 1
+                    else:
+                        _require_float(ent)
+                        outs.append(_merged_tensor(combiner, ent, out_name, kind, o))
+                        stats["merged"] += 1
+                    break
+                else:
+                    if not any(kind.expert in o.sources for o in layer_plan):
+                        stats["dropped"] += 1
+                continue
+            # rows / fused: one row (dim 0) per input expert
+            if not ent.shape or ent.shape[0] != ckpt.rc.num_experts:
+                raise MoetoolError(f"{ent.name}: expected {ckpt.rc.num_experts} rows (one per expert), "
+                                   f"shape is {list(ent.shape)}")
+            if all(o.is_copy for o in layer_plan):
+                outs.append(_row_copy_tensor(ckpt, ent, [o.anchor for o in layer_plan]))
+            else:
+                _require_float(ent)
+                outs.append(_row_merge_tensor(combiner, ent, layer_plan))
+            stats["rows"] += 1
+        shards.append((path, outs))
+    missing = sorted(n for n in needed_expert_names if n not in ckpt.entries)
+    if missing:
+        raise MoetoolError(f"{ckpt.name}: {missing[0]} is missing from the checkpoint ({len(missing)} expert tensors missing)")
+    if merging:
+        stats["merged_groups"] = sum(1 for outs in plan.layers.values() for o in outs if not o.is_copy)
+    return shards, stats
+
+
+def _require_float(ent: Entry) -> None:
+    if ent.dtype not in FLOAT_DTYPES:
+        raise MoetoolError(f"{ent.name} is {ent.dtype}: merging averages weights and needs float tensors "
+                           "(dequantize the checkpoint first)")
+
+
+def _copy_tensor(ckpt: Checkpoint, ent: Entry, out_name: str) -> OutTensor:
+    def write(fd: int) -> None:
+        copy_range(ckpt.fd(ent.file), fd, ent.begin, ent.nbytes)
+
+    return OutTensor(out_name, ent.dtype, ent.shape, ent.nbytes, write, ent.nbytes)
+
+
+def _row_copy_tensor(ckpt: Checkpoint, ent: Entry, rows: list[int]) -> OutTensor:
+    per_row = ent.nbytes // ent.shape[0]
+
+    def write(fd: int) -> None:
+        src = ckpt.fd(ent.file)
+        # consecutive rows in one copy
+        i = 0
+        while i < len(rows):
+            j = i
+            while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+                j += 1
+            copy_range(src, fd, ent.begin + rows[i] * per_row, (j - i + 1) * per_row)
+            i = j + 1
+
+    shape = (len(rows),) + ent.shape[1:]
+    return OutTensor(ent.name, ent.dtype, shape, per_row * len(rows), write, ent.nbytes)
+
+
+def _row_merge_tensor(combiner: _Combiner, ent: Entry, outs: list[OutExpert]) -> OutTensor:
+    per_row = ent.nbytes // ent.shape[0]
+
+    def write(fd: int) -> None:
+        write_tensor_bytes(fd, combiner.rows(ent.name, outs, ent.dtype))
+
+    shape = (len(outs),) + ent.shape[1:]
+    return OutTensor(ent.name, ent.dtype, shape, per_row * len(outs), write, ent.nbytes)
+
+
+def _merged_tensor(combiner: _Combiner, ent: Entry, out_name: str, kind: Kind, out: OutExpert) -> OutTensor:
+    def write(fd: int) -> None:
+        write_tensor_bytes(fd, combiner.expert_tensor(kind.template, out, kind.proj, ent.dtype))
+
+    return OutTensor(out_name, ent.dtype, ent.shape, ent.nbytes, write, ent.nbytes * len(out.sources))
+
+
+def _shard_names(n: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _new_config(ckpt: Checkpoint, plan: SurgeryPlan, mtp_dropped: bool) -> tuple[dict, dict]:
+    config = json.loads(json.dumps(ckpt.raw_config))
+    lm = ckpt.lm_config(config)
+    updates = dict(plan.config_updates)
+    if mtp_dropped:  # transformers does not load the MTP layers; their experts are not in the plan
+        for key in config_keys(ckpt.family, "mtp_layers")[:1]:
+            updates[key] = 0
+    changes: dict[str, Any] = {}
+    for key, value in updates.items():
+        old = lm.get(key)
+        lm[key] = value
+        if old != value:
+            changes[key] = {"from": old, "to": value}
+    return config, changes
+
+
+def _copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
+    copied, skipped = [], []
+    for p in sorted(src.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            skipped.append(p.name + "/")
+            continue
+        if p.name in NOT_COPIED or p.suffix in WEIGHT_SUFFIXES:
+            if p.name not in (INDEX_NAME, "config.json") and p.suffix != ".safetensors":
+                skipped.append(p.name)
+            continue
+        shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied, skipped
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
+
+
+def run_surgery(ckpt: Checkpoint, plan: SurgeryPlan, out: str | Path, force: bool = False,
+                card: Callable[[dict], str] | None = None, progress: bool = True) -> dict:
+    """Write the checkpoint PLAN describes to OUT (atomically). Returns plain data: files,
+    bytes, timings, config changes, what happened to each tensor."""
+    started = time.perf_counter()
+    out = check_output(out, [ckpt.path], force)
+    _check_plan(ckpt, plan)
+    num_out = plan.num_experts
+    shards, stats = _plan_outputs(ckpt, plan)
+    shards = [(p, ts) for p, ts in shards if ts]
+    names = _shard_names(len(shards))
+    out_bytes = sum(t.nbytes for _, ts in shards for t in ts)
+    check_disk_space(out.resolve().parent, out_bytes + sum(64 * 2**10 for _ in shards))
+    config, changes = _new_config(ckpt, plan, stats["mtp_dropped"] > 0)
+    weight_map: dict[str, str] = {}
+    files_written = []
+    input_total = sum(t.source_bytes for _, ts in shards for t in ts)
+    with atomic_output_dir(out, force) as tmp:
+        bar = _progress() if progress else None
+        task = None
+        if bar is not None:
+            bar.start()
+            task = bar.add_task(f"{plan.method}: writing", total=input_total)
+
+        def advance(t: OutTensor) -> None:
+            if bar is not None:
+                bar.advance(task, t.source_bytes)
+
+        try:
+            for (src, tensors), fname in zip(shards, names):
+                meta = dict(ckpt.file_metadata.get(src) or {})
+                meta["format"] = meta.get("format", "pt")
+                size = write_safetensors(tmp / fname, tensors, meta, on_tensor=advance)
+                files_written.append({"file": fname, "bytes": size, "tensors": len(tensors), "from": src.name})
+                for t in tensors:
+                    weight_map[t.name] = fname
+        finally:
+            if bar is not None:
+                bar.stop()
+            ckpt.close()
+        index = {"metadata": {"total_size": out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copied, skipped = _copy_side_files(ckpt.path, tmp)
+        check = _verify_names(ckpt, config, weight_map, tmp)
+        result = {
+            "model": ckpt.name,
+            "family": ckpt.family.name,
+            "out": str(out),
+            "method": plan.method,
+            "num_experts": {"before": int(ckpt.rc.num_experts), "after": int(num_out)},
+            "config_changes": changes,
+            "tensors": stats,
+            "files": files_written,
+            "copied_files": copied,
+            "skipped_files": skipped,
+            "bytes": {"input": ckpt.total_bytes, "output": out_bytes,
+                      "largest_input_shard": ckpt.largest_shard,
+                      "largest_output_shard": max((f["bytes"] for f in files_written), default=0)},
+            "layout_check": check,
+        }
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        if card is not None:
+            (tmp / "README.md").write_text(card(result))
+        _fsync_tree(tmp)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in d.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors"):  # shards were synced when written
+            try:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+    _fsync_dir(d)
+
+
+def _verify_names(ckpt: Checkpoint, new_config: dict, weight_map: dict, tmp: Path) -> str:
+    """Compare the output's tensor names with what the family spec expects of the new config
+    (when the input matched its own spec exactly): a wrong rename fails here, not at load."""
+    from moetool.source import unwrap_text_config
+
+    expected_in = {t.name for t in ckpt.family.tensors(ckpt.rc, include_mtp=True)}
+    actual_in = set(ckpt.entries)
+    if expected_in != actual_in:
+        return "skipped (the input has tensors the family spec does not list)"
+    new_rc = ckpt.family.resolve(unwrap_text_config(new_config)[0])
+    expected = {t.name: t.shape for t in ckpt.family.tensors(new_rc, include_mtp=True)}
+    got = set(weight_map)
+    if set(expected) != got:
+        extra = sorted(got - set(expected))
+        missing = sorted(set(expected) - got)
+        what = f"unexpected {extra[0]}" if extra else f"missing {missing[0]}"
+        raise MoetoolError(f"internal: the output does not match the {ckpt.family.name} layout ({what})")
+    return "ok"
+
+
+# -- model card --------------------------------------------------------------------------------------------------
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def card_header(result: dict, title: str, summary: str) -> list[str]:
+    from moetool import __version__
+
+    lines = [
+        "---",
+        f"base_model: {result['model']}",
+        "tags:",
+        "- moetool",
+        f"- {result['method']}",
+        "- mixture-of-experts",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        summary,
+        "",
+        f"- Source: `{result['model']}` ({result['family']})",
+        f"- Written by: moetool {__version__} (`moetool {result['method']}`)",
+        f"- Routed experts per MoE layer: {result['num_experts']['before']} -> {result['num_experts']['after']}",
+    ]
+    for key, ch in result["config_changes"].items():
+        lines.append(f"- config `{key}`: {ch['from']} -> {ch['to']}")
+    b = result["bytes"]
+    lines.append(f"- Tensor bytes: {b['input']:,} -> {b['output']:,}")
+    return lines
