@@ -332,8 +332,10 @@ def group_plan(rc, keep: int, regroup: bool) -> tuple[int, int, int] | None:
                            f"keep a multiple of {n_group} experts so every group keeps the same number{hint}")
     per = keep // n_group
     if per < min_per:
+        least = (f"keep at least {min_per * n_group}" if min_per * n_group < E
+                 else f"with {E} experts no smaller count keeps every group valid")
         raise MoetoolError(f"this model's router scores each of its {n_group} groups by its top {min_per} experts: "
-                           f"keeping {keep} leaves {per} per group; keep at least {min_per * n_group}{hint}")
+                           f"keeping {keep} leaves {per} per group; {least}{hint}")
     if topk_group * per < min(top_k, keep):
         raise MoetoolError(f"routing picks {top_k} experts from {topk_group} of {n_group} groups: keeping {per} per "
                            f"group leaves {topk_group * per} reachable; keep at least "

@@ -812,6 +812,8 @@ def _quantize_experts_on_load(bits: int, quant_type: str, blocksize: int, comput
             return self.inner.convert(rest, model=model, missing_keys=missing_keys, **kwargs)
 
         def __getattr__(self, name):  # reverse_op and friends: bitsandbytes' op answers
+            if name == "inner":  # not set yet (copy/unpickle): no recursion
+                raise AttributeError(name)
             return getattr(self.inner, name)
 
     def patch(cls, original_needs, original_ops):

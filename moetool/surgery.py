@@ -746,7 +746,8 @@ def _copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
             skipped.append(p.name + "/")
             continue
         if p.name in NOT_COPIED or p.suffix in WEIGHT_SUFFIXES:
-            if p.name not in (INDEX_NAME, "config.json") and p.suffix != ".safetensors":
+            # the index, config and model card are written anew; other weight formats would be stale
+            if p.name not in (INDEX_NAME, "config.json", "README.md") and p.suffix != ".safetensors":
                 skipped.append(p.name)
             continue
         shutil.copy2(p, dst / p.name)

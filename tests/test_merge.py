@@ -195,3 +195,20 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     r = run_cli("merge-experts", MIXTRAL, "--out", tmp_path / "o", *args)
     assert_one_line_error(r, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_weight_similarity_in_chunks_equals_the_direct_cosine():
+    """The chunked, streaming Gram matrix equals the cosine similarity of each expert's
+    flattened (w1, w2, w3) computed in one go."""
+    import torch
+
+    from moetool.merge import weight_similarity
+    from moetool.surgery import Checkpoint
+
+    ckpt = Checkpoint(str(MIXTRAL))
+    got = weight_similarity(ckpt, 1, 8, chunk_bytes=5000)  # many chunks per projection
+    get = _reader(MIXTRAL)
+    flat = torch.stack([torch.cat([get(f"model.layers.1.block_sparse_moe.experts.{e}.{p}.weight").reshape(-1)
+                                   for p in ("w1", "w2", "w3")]).double() for e in range(8)])
+    flat = flat / flat.norm(dim=1, keepdim=True)
+    assert np.abs(got - (flat @ flat.T).numpy()).max() < 1e-6

@@ -573,15 +573,15 @@ def measure_memory() -> list[dict]:
 def _print_table(results: dict) -> None:
     for family, out in results.items():
         print(f"\n{family}: {out['train_steps']} steps, train loss {out['train_loss']}, {out['train_seconds']} s")
-        print(f"  {'load':16s} {'quantization':28s} {'weights':>9s} {'experts':>9s} {'vs bf16':>7s} "
+        print(f"  {'load':18s} {'quantization':28s} {'weights':>9s} {'experts':>9s} {'vs bf16':>7s} "
               f"{'load s':>7s} {'loss':>7s} {'rel err':>8s} {'KL':>8s} {'top-1':>6s}")
         for name, row in out.items():
             if not isinstance(row, dict):
                 continue
             if "error" in row:
-                print(f"  {name:16s} {row['error']}")
+                print(f"  {name:18s} {row['error']}")
                 continue
-            print(f"  {name:16s} {row['quantization']:28s} {row['weight_bytes']:9d} {row['expert_weight_bytes']:9d} "
+            print(f"  {name:18s} {row['quantization']:28s} {row['weight_bytes']:9d} {row['expert_weight_bytes']:9d} "
                   f"{row['expert_ratio_vs_bf16']:7.4f} {row['load_seconds_median']:7.3f} {row['heldout_loss']:7.4f} "
                   f"{row.get('logits_rel_err', 0):8.4f} {row.get('kl_vs_bf16', 0):8.5f} "
                   f"{row.get('top1_agreement', 1):6.4f}")
