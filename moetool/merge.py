@@ -202,8 +202,11 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
                      progress: bool = True) -> dict:
     """Merge MODEL's routed experts down to TO per layer and write the result to OUT."""
     from moetool.prune import expert_config_updates, gather_stats, group_plan, keep_count
+    import time
+
     from moetool.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
 
+    started = time.perf_counter()
     if similarity not in SIMILARITIES:
         raise MoetoolError(f"--similarity {similarity}: choose from {', '.join(SIMILARITIES)}")
     ckpt = Checkpoint(model)
@@ -260,6 +263,7 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
 
     result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
     result["merge"] = merge_info
+    result["total_seconds"] = round(time.perf_counter() - started, 3)  # with calibration and grouping
     return result
 
 

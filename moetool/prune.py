@@ -448,8 +448,11 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
                      batch_size: int = 8, seed: int = 0, global_budget: bool = False, regroup: bool = False,
                      force: bool = False, load_options: dict | None = None, progress: bool = True) -> dict:
     """Prune MODEL's routed experts and write the result to OUT. Returns plain data."""
+    import time
+
     from moetool.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
 
+    started = time.perf_counter()
     ckpt = Checkpoint(model)
     rc = ckpt.rc
     if not rc.moe_layers:
@@ -489,6 +492,7 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
 
     result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
     result["selection"] = selection
+    result["total_seconds"] = round(time.perf_counter() - started, 3)  # with calibration
     return result
 
 

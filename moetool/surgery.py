@@ -43,7 +43,6 @@ import re
 import shutil
 import signal
 import struct
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field

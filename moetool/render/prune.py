@@ -21,8 +21,10 @@ def _summary(con, result: dict) -> None:
     con.print(f"experts per MoE layer: {ne['before']} -> {ne['after']}")
     for key, ch in result["config_changes"].items():
         con.print(f"config {key}: {ch['from']} -> {ch['to']}")
+    total = result.get("total_seconds", result["seconds"])
     con.print(f"tensor bytes: {human_bytes(b['input'])} -> {human_bytes(b['output'])} "
-              f"({b['output'] / max(b['input'], 1):.1%}) in {len(result['files'])} shards, {result['seconds']:.1f} s")
+              f"({b['output'] / max(b['input'], 1):.1%}) in {len(result['files'])} shards; "
+              f"{result['seconds']:.1f} s writing, {total:.1f} s in all")
 
 
 def _footer(con, result: dict, stats_source: dict | None) -> None:
