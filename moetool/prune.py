@@ -418,19 +418,14 @@ def mass_kept(stats: RoutingStats | None, kept: dict[int, list[int]]) -> dict[in
 def expert_config_updates(ckpt, num_experts: int, groups_off: bool) -> tuple[dict, int]:
     """Config keys to write for NUM_EXPERTS experts per layer (top-k clipped to it; with
     GROUPS_OFF, n_group = topk_group = 1). Keys come from the family spec."""
-    from moetool.surgery import config_keys
+    from moetool.surgery import field_keys_to_write
 
     fam, rc = ckpt.family, ckpt.rc
     lm = ckpt.lm_config(ckpt.raw_config)
     updates: dict[str, Any] = {}
 
     def put(field_name: str, value) -> None:
-        keys = config_keys(fam, field_name)
-        if not keys:
-            raise MoetoolError(f"the {fam.name} family spec names no config key for {field_name}")
-        present = [k for k in keys if k in lm]
-        for k in present or keys[:1]:
-            updates[k] = value
+        updates.update(dict.fromkeys(field_keys_to_write(lm, fam, field_name), value))
 
     put("num_experts", int(num_experts))
     top_k = min(int(rc.top_k), int(num_experts))

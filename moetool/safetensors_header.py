@@ -30,7 +30,8 @@ class HeaderEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    file: str
+    file: str  # the file's name (the index's weight_map value)
+    offset: int = 0  # absolute byte offset of the tensor's data in the file
 
     @property
     def numel(self) -> int:
@@ -75,7 +76,7 @@ def read_header(path: Path) -> tuple[list[HeaderEntry], dict]:
                 f"{path}: corrupt or truncated safetensors file ('{name}' spans bytes {begin}-{end} "
                 f"of {data_len})"
             )
-        entries.append(HeaderEntry(name, dtype, shape, nbytes, path.name))
+        entries.append(HeaderEntry(name, dtype, shape, nbytes, path.name, 8 + n + begin))
     return entries, metadata
 
 

@@ -101,16 +101,14 @@ class SurgeryPlan:
 # -- reading the input ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Entry:
+    """Where one tensor's bytes are: FILE (a path) from byte BEGIN, NBYTES long."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
     file: Path
-    begin: int  # absolute byte offset of the data in the file
+    begin: int
     nbytes: int
-
-    @property
-    def end(self) -> int:
-        return self.begin + self.nbytes
 
 
 class Checkpoint:
@@ -141,15 +139,11 @@ class Checkpoint:
         self.file_entries: dict[Path, list[Entry]] = {}
         self.file_metadata: dict[Path, dict] = {}
         for path in files:
-            _, metadata = read_header(path)  # validates sizes and offsets
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
+            header, metadata = read_header(path)  # validates sizes and offsets
             entries = []
-            for name, info in header.items():
-                b, e = info["data_offsets"]
-                ent = Entry(name, info["dtype"], tuple(info["shape"]), path, 8 + n + b, e - b)
+            for h in header:
+                name = h.name
+                ent = Entry(name, h.dtype, h.shape, path, h.offset, h.nbytes)
                 if name in self.entries:
                     raise MoetoolError(f"{model}: tensor {name} is in both {self.entries[name].file.name} and {path.name}")
                 self.entries[name] = ent
@@ -323,16 +317,21 @@ def config_keys(family, field_name: str) -> list[str]:
     return keys
 
 
-def set_config_field(config: dict, family, field_name: str, value) -> list[str]:
-    """Set FIELD to VALUE under every key that holds it in CONFIG (the first key when none
-    does); returns the keys written."""
+def field_keys_to_write(config: dict, family, field_name: str) -> list[str]:
+    """The keys of CONFIG that hold FIELD (the family's first key for it when none does)."""
     keys = config_keys(family, field_name)
     if not keys:
         raise MoetoolError(f"the {family.name} family spec names no config key for {field_name}")
-    present = [k for k in keys if k in config]
-    for k in present or keys[:1]:
+    return [k for k in keys if k in config] or keys[:1]
+
+
+def set_config_field(config: dict, family, field_name: str, value) -> list[str]:
+    """Set FIELD to VALUE under every key that holds it in CONFIG (the first key when none
+    does); returns the keys written."""
+    keys = field_keys_to_write(config, family, field_name)
+    for k in keys:
         config[k] = value
-    return present or keys[:1]
+    return keys
 
 
 def grouped_routing(rc) -> tuple[int, int, int] | None:

@@ -496,78 +496,12 @@ def measure(steps: int = 200, families=FAMILIES, repeats: int = 3, cache: str | 
     return results
 
 
-def _peak_child(mode: str, path: str) -> dict:
-    """One load in this (fresh) process, sampling anonymous resident memory (RssAnon: the
-    model's tensors, not the memory-mapped checkpoint) every 5 ms."""
-    import threading
-
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant.require_backend("cpu")
-
-    def anon_kib() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
-
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon_kib())
-            time.sleep(0.005)
-
-    base = anon_kib()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    with _quiet():
-        if mode == "bf16":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-        elif mode == "bnb-4bit-plain":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
-        elif mode == "moetool-4bit":
-            model, _ = quant.load_in_4bit(path, dtype="bfloat16")
-        elif mode == "moetool-4bit-after-load":  # plain bnb load, then quantize_experts_4bit
-            model, _ = quant.load_in_4bit(path, dtype="bfloat16", quantize_experts=False)
-            quant.quantize_experts_4bit(model)
-        elif mode == "moetool-int8":
-            model, _ = quant.load_in_8bit(path, dtype="bfloat16")
-        else:
-            raise ValueError(mode)
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    sizes = quant.expert_weight_bytes(model)
-    mib = 2 ** 20
-    return {"mode": mode, "seconds": round(seconds, 2), "peak_anon_mib": round((peak[0] - base) / 1024, 1),
-            "end_anon_mib": round((anon_kib() - base) / 1024, 1), "weight_mib": round(sizes["weight_bytes"] / mib, 1),
-            "expert_mib": round(sizes["expert_weight_bytes"] / mib, 1), "quantization": sizes["quantization"]}
-
-
-MEMORY_MODES = ("bf16", "bnb-4bit-plain", "moetool-4bit", "moetool-4bit-after-load", "moetool-int8")
-
-
 def measure_memory() -> list[dict]:
-    """Peak memory of each way of loading a ~700 MB bf16 Mixtral-shaped checkpoint (hidden 1024,
-    4 layers, 8 experts of width 3584), each in its own process."""
-    import tempfile
+    """Peak memory of each way of loading a ~700 MB bf16 Mixtral-shaped checkpoint: the
+    measurement lives in bench/bench_quant.py (also a `make bench` row)."""
+    from bench.bench_quant import measure
 
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    config = MixtralConfig(vocab_size=1024, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
-                           num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(SEED)
-        with _quiet():
-            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp)
-        for mode in MEMORY_MODES:
-            out = subprocess.run([sys.executable, __file__, "--peak-child", mode, tmp], capture_output=True,
-                                 text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return rows
+    return measure()
 
 
 def _print_table(results: dict) -> None:
@@ -593,15 +527,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="train tiny models, compare loads")
     parser.add_argument("--memory", action="store_true", help="peak memory of each load, ~700 MB checkpoint")
-    parser.add_argument("--peak-child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cache", help="keep the trained checkpoints here (reused when present)")
     args = parser.parse_args()
-    if args.peak_child:
-        print(json.dumps(_peak_child(*args.peak_child)))
-        sys.exit(0)
     if args.memory:
         for row in measure_memory():
             print(json.dumps(row))

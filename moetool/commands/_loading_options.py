@@ -53,3 +53,23 @@ def loading_options(func):
     for option in reversed(_OPTIONS):
         wrapper = option(wrapper)
     return wrapper
+
+
+_CALIBRATION_OPTIONS = [
+    click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,
+                 help="Routing statistics from a trace file (`moetool trace --out`; router logits too if it was "
+                      "recorded with --logits)."),
+    click.option("--file", "file", type=click.Path(dir_okay=False), default=None,
+                 help="Calibration text to trace (one text per line, or JSONL with a 'text' field)."),
+    click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Calibrate on at most this many tokens."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                 help="Texts per forward pass."),
+]
+
+
+def calibration_options(func):
+    """Add --trace, --file, --max-tokens and --batch-size (where routing statistics come from),
+    shared by the commands that choose or combine experts."""
+    for option in reversed(_CALIBRATION_OPTIONS):
+        func = option(func)
+    return func

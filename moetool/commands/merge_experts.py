@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from moetool.commands._loading_options import loading_options
+from moetool.commands._loading_options import calibration_options, loading_options
 
 
 @click.command("merge-experts")
@@ -16,12 +16,7 @@ from moetool.commands._loading_options import loading_options
                    "or weight similarity.")
 @click.option("--align", is_flag=True, help="Permute each expert's hidden neurons to match its group's dominant "
                                             "expert before averaging.")
-@click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,
-              help="Usage (and router logits, if recorded with --logits) from a trace file.")
-@click.option("--file", "file", type=click.Path(dir_okay=False), default=None,
-              help="Calibration text to trace (one text per line, or JSONL with a 'text' field).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Calibrate on at most this many tokens.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Texts per forward pass.")
+@calibration_options
 @click.option("--regroup", is_flag=True,
               help="Group-limited routing (DeepSeek n_group): turn it off instead of merging within groups.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from moetool.commands._loading_options import loading_options
+from moetool.commands._loading_options import calibration_options, loading_options
 
 
 @click.command("prune")
@@ -17,12 +17,7 @@ from moetool.commands._loading_options import loading_options
 @click.option("--by", type=click.Choice(["frequency", "weight", "reap", "random"]), default="frequency",
               show_default=True, help="Which experts to keep.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --by random.")
-@click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,
-              help="Routing statistics from a trace file (`moetool trace --out`).")
-@click.option("--file", "file", type=click.Path(dir_okay=False), default=None,
-              help="Calibration text to trace (one text per line, or JSONL with a 'text' field).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Calibrate on at most this many tokens.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Texts per forward pass.")
+@calibration_options
 @click.option("--regroup", is_flag=True,
               help="Group-limited routing (DeepSeek n_group): turn it off (n_group = topk_group = 1) instead of "
                    "keeping the same number of experts per group.")
