@@ -9,7 +9,7 @@ MOETOOL := $(VENV)/bin/moetool
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test test-all fixtures trained-fixtures bench docs clean
+.PHONY: install demo test test-all fixtures trained-fixtures bench quality clean
 
 install: $(VENV)/.installed
 
@@ -45,5 +45,11 @@ trained-fixtures: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
+# speed and memory rows -> docs/benchmarks.md (about 20 minutes on 2 cores; writes a 5.6 GB checkpoint to bench/work)
 bench: install
 	$(PY) bench/run.py
+
+# compression and distillation quality on the trained fixtures -> docs/compression.md, docs/distill.md
+quality: install
+	$(PY) bench/quality_compression.py
+	$(PY) bench/quality_distill.py

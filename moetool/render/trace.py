@@ -73,7 +73,7 @@ def _render_load(con, s: dict) -> None:
     balanced = s["top_k"] / E
     if E <= WIDE_EXPERTS:
         table = Table(title="tokens per expert (fraction of tokens; balanced = "
-                      f"{balanced:.0%})", title_justify="left")
+                      f"{balanced * 100:.3g}%)", title_justify="left")
         table.add_column("layer", justify="right")
         for e in range(E):
             table.add_column(str(e), justify="right")
