@@ -162,6 +162,27 @@ def summarize(model: str, made: list[dict], ev: dict) -> list[dict]:
     return rows
 
 
+def _num_experts(model: str) -> int:
+    from moetool.params import resolve_family
+    from moetool.source import resolve
+
+    return int(resolve_family(resolve(str(ROOT / "fixtures" / model))).num_experts)
+
+
+def _describe(model: str) -> str:
+    from moetool.params import resolve_family
+    from moetool.source import resolve
+
+    rc = resolve_family(resolve(str(ROOT / "fixtures" / model)))
+    f = rc.fields
+    text = f"{f['num_experts']} experts, top-{f['top_k']}, {len(rc.moe_layers)} MoE layers"
+    if int(f.get("n_group") or 1) > 1:
+        text += f" in {f['n_group']} routing groups (top-{f['top_k']} of the best {f['topk_group']} groups)"
+    if int(f.get("num_shared_experts") or 0):
+        text += f", {f['num_shared_experts']} shared expert"
+    return text
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Compression quality: pruning vs merging experts",
@@ -169,9 +190,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "Measured by [`bench/quality_compression.py`](../bench/quality_compression.py) (re-run it to regenerate this page)",
         f"on {meta['date']}, {meta['machine']}; {meta['seconds']:.0f} s in all.",
         "",
-        "Models: the trained fixtures `fixtures/trained-mixtral` (8 experts, top-2, 4 MoE layers) and",
-        "`fixtures/trained-deepseek-v3` (16 experts in 4 routing groups, top-2 of the best 2 groups, 1 shared",
-        "expert, 3 MoE layers). Calibration: "
+        f"Models: the trained fixtures `fixtures/trained-mixtral` ({_describe('trained-mixtral')}) and",
+        f"`fixtures/trained-deepseek-v3` ({_describe('trained-deepseek-v3')}). Calibration: "
         f"{meta['calib_tokens']:,} tokens of the train split (`fixtures/corpus/train-{{prose,code}}.txt`,"
         " interleaved), traced once (`--trace`, with router logits) for frequency, weight and router",
         "similarity; REAP and output similarity run the calibration text themselves (`--file`).",
@@ -195,6 +215,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "```",
         "",
     ]
+    half = _num_experts("trained-mixtral") // 2
+    lines = [x.replace("--keep 4", f"--keep {half}").replace("--to 4", f"--to {half}") for x in lines]
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {model}", "",
                   "| removed | experts left | method | ppl (both) | ppl prose | ppl code | KL | top-1 agree | beats random? |",
@@ -216,7 +238,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
                          f"{cell('ppl_prose', '{:.2f}')} | {cell('ppl_code', '{:.2f}')} | {cell('kl', '{:.3f}')} | "
                          f"{cell('top1', '{:.1%}')} | {beats} |")
         lines.append("")
-    lines += ["## Reading the table", "",
+    if meta.get("importance"):
+        lines += importance_markdown(meta["importance"], meta["calib_tokens"])
+    lines += ["## Reading the tables", "",
               "- *beats random?* compares the row's `ppl (both)` with the mean of the random-pruning seeds at the",
               "  same level.",
               "- Merged checkpoints have exactly the size of the pruned ones (same expert count and shapes); the",
@@ -226,9 +250,88 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _spearman(a, b) -> float:
+    import numpy as np
+
+    ra, rb = (np.argsort(np.argsort(x, kind="stable")).astype(float) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def importance(model: str, calib: Path, calib_tokens: int, tokens_per_domain: int = 4096, seq_len: int = 64) -> dict:
+    """Per MoE layer: each expert's importance -- KL(original || model with that one expert masked
+    out of routing) on held-out text -- and the Spearman rank correlation of each pruning score
+    (frequency, weight, REAP, from the same calibration as the pruning) with it. A score that
+    ranks experts like their importance keeps the ones that matter."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moetool.params import resolve_family
+    from moetool.prune import gather_stats
+    from moetool.source import resolve
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from oracles import routing_mask  # the reference masking the exactness tests use
+
+    src = str(ROOT / "fixtures" / model)
+    rc = resolve_family(resolve(src))
+    E = int(rc.fields["num_experts"])
+    stats = gather_stats(src, rc, None, str(calib), calib_tokens, 8, None, reap=True, what="REAP scores")
+    net = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    wins = []
+    for domain in ("prose", "code"):
+        ids: list[int] = []
+        for doc in (CORPUS / f"heldout-{domain}.txt").read_text().split(DOC_SEP):
+            ids += [tok.bos_token_id, *tok(doc.strip("\n"), add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            if len(ids) >= tokens_per_domain:
+                break
+        n = tokens_per_domain // seq_len
+        wins.append(torch.tensor(ids[: n * seq_len]).view(n, seq_len))
+    wins = torch.cat(wins)
+    with torch.no_grad():
+        ref = F.log_softmax(net(input_ids=wins).logits.float(), -1)
+    layers = {}
+    for L in rc.moe_layers:
+        imp = []
+        for e in range(E):
+            with torch.no_grad(), routing_mask(net, {L: [x for x in range(E) if x != e]}):
+                lp = F.log_softmax(net(input_ids=wins).logits.float(), -1)
+            imp.append(float((ref.exp() * (ref - lp)).sum(-1).mean()))
+        layers[L] = {"importance": imp, **{by: _spearman(stats.score(by, L), imp) for by in PRUNE_METHODS}}
+        _log(f"  importance layer {L}: " + ", ".join(f"{by} {layers[L][by]:+.2f}" for by in PRUNE_METHODS))
+    return {"layers": layers, "tokens": int(wins.numel())}
+
+
+def importance_markdown(imp: dict, calib_tokens: int) -> list[str]:
+    lines = ["## Which experts matter, and which scores find them", "",
+             "Importance of an expert: KL(original || original with only that expert masked out of routing), in",
+             f"nats per token, on the first {next(iter(imp.values()))['tokens'] // 2:,} tokens of each held-out file. "
+             "The last three columns are the Spearman",
+             "rank correlation of each pruning score (from the same "
+             f"{calib_tokens:,}-token calibration) with that importance: 1 = the score",
+             "ranks experts exactly by importance, 0 = unrelated, negative = it would keep the least important.",
+             "", "| model | layer | importance min | median | max | max/min | frequency | weight | REAP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    import statistics as st
+
+    for model, res in imp.items():
+        for L, r in res["layers"].items():
+            v = r["importance"]
+            lines.append(f"| {model} | {L} | {min(v):.4f} | {st.median(v):.4f} | {max(v):.4f} | "
+                         f"{max(v) / max(min(v), 1e-12):.0f}x | {r['frequency']:+.2f} | {r['weight']:+.2f} | "
+                         f"{r['reap']:+.2f} |")
+        means = {by: st.mean(r[by] for r in res["layers"].values()) for by in PRUNE_METHODS}
+        lines.append(f"| {model} | mean | | | | | {means['frequency']:+.2f} | {means['weight']:+.2f} | "
+                     f"{means['reap']:+.2f} |")
+    lines.append("")
+    return lines
+
+
 def run_experiment(models=MODELS, ratios=(0.25, 0.5), seeds=(0, 1, 2, 3, 4), calib_tokens: int = 16384,
-                   eval_tokens: int = 16384, seq_len: int = 64, work: Path = WORK) -> dict:
+                   eval_tokens: int = 16384, seq_len: int = 64, work: Path = WORK, with_importance: bool = True) -> dict:
     t0 = time.perf_counter()
+    imp: dict = {}
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -241,10 +344,13 @@ def run_experiment(models=MODELS, ratios=(0.25, 0.5), seeds=(0, 1, 2, 3, 4), cal
             rows += summarize(model, made, evaluate(model, made, eval_tokens, seq_len))
             for m in made:
                 shutil.rmtree(m["path"], ignore_errors=True)
+            if with_importance:
+                _log(f"{model}: expert importance")
+                imp[model] = importance(model, calib, calib_tokens, seq_len=seq_len)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows, "calib_tokens": calib_tokens, "eval_tokens": eval_tokens, "seq_len": seq_len,
-            "seeds": list(seeds), "seconds": time.perf_counter() - t0}
+            "seeds": list(seeds), "seconds": time.perf_counter() - t0, "importance": imp}
 
 
 def main() -> None:
@@ -253,6 +359,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         res = run_experiment(models=("trained-mixtral",), ratios=(0.5,), seeds=(0, 1, 2), calib_tokens=4096,
+                             with_importance=False,
                              eval_tokens=4096)
     else:
         res = run_experiment()
