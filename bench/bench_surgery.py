@@ -1,5 +1,5 @@
 """`moetool prune` and `moetool merge-experts` on a Mixtral-8x7B-shaped checkpoint (hidden 4096,
-expert intermediate 14336, 8 experts, bf16; 2 layers and a small vocabulary, about 5.6 GB, in
+expert intermediate 14336, 8 experts, bf16; 2 layers and a small vocabulary, about 5.8 GB, in
 1 GiB shards), generated on the fly into bench/work/ shard by shard without building the model.
 Throughput (input checkpoint bytes per second of wall time, whole process) is compared with
 copying the same files (shutil.copyfile + fsync per file: the surgery fsyncs its shards too),
