@@ -95,17 +95,9 @@ class DistillOptions:
 
 # -- checks before anything heavy -----------------------------------------------------------------------
 def _read_text(path: str, what: str) -> str:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoetoolError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise MoetoolError(f"{what} {path}: is a directory, not a text file") from None
-    except UnicodeDecodeError:
-        raise MoetoolError(f"{what} {path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise MoetoolError(f"{what} {path}: cannot read ({exc.strerror})") from None
+    from moetool.textfile import read_utf8
+
+    text = read_utf8(path, f"{what} {path}")
     if not text.strip():
         raise MoetoolError(f"{what} {path}: no text in this file")
     return text

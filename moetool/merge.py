@@ -270,7 +270,7 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
 def _card(result: dict) -> str:
     from pathlib import Path
 
-    from moetool.surgery import card_header
+    from moetool.surgery import card_header, card_statistics
 
     mg = result["merge"]
     sim = {"router": "cosine similarity of router logits on calibration tokens",
@@ -291,11 +291,7 @@ def _card(result: dict) -> str:
         g = mg["groups"]
         lines.append(f"- Group-limited routing kept: experts merged within each of {g['n_group']} groups, "
                      f"{g['per_group']} per group")
-    if mg.get("regrouped"):
-        lines.append("- Group-limited routing turned off (`--regroup`): n_group = topk_group = 1")
-    lines += ["", "## Statistics", ""]
-    for k, v in (mg.get("statistics") or {}).items():
-        lines.append(f"- {k}: `{v}`")
+    lines += card_statistics(bool(mg.get("regrouped")), mg.get("statistics"), "")
     lines += ["", "## Merged experts", "",
               "New expert i of a layer = the i-th group: original ids (dominant first) with their averaging weights.", "",
               "| layer | groups |", "|---|---|"]

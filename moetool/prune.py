@@ -492,7 +492,7 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
 
 
 def _card(result: dict) -> str:
-    from moetool.surgery import card_header
+    from moetool.surgery import card_header, card_statistics
 
     sel = result["selection"]
     m = sel["method"]
@@ -513,15 +513,7 @@ def _card(result: dict) -> str:
         g = m["groups"]
         lines.append(f"- Group-limited routing kept: {g['per_group']} experts kept in each of {g['n_group']} groups "
                      f"(topk_group {g['topk_group']})")
-    if sel.get("regrouped"):
-        lines.append("- Group-limited routing turned off (`--regroup`): n_group = topk_group = 1")
-    lines += ["", "## Statistics", ""]
-    src = sel.get("statistics")
-    if not src:
-        lines.append("None (random choice).")
-    else:
-        for k, v in src.items():
-            lines.append(f"- {k}: `{v}`")
+    lines += card_statistics(bool(sel.get("regrouped")), sel.get("statistics"), "None (random choice).")
     lines += ["", "## Kept experts", "",
               "New expert i of a layer is the i-th kept expert (original ids, in order).", "",
               "| layer | kept (original ids) | dropped | routing kept (choices / weight) |", "|---|---|---|---|"]

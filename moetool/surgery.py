@@ -877,6 +877,15 @@ def sha256_file(path: str | Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
+def card_statistics(regrouped: bool, statistics: dict | None, empty: str = "None.") -> list[str]:
+    """The model card's lines shared by prune and merge: `--regroup`, then where the routing
+    statistics came from."""
+    lines = ["- Group-limited routing turned off (`--regroup`): n_group = topk_group = 1"] if regrouped else []
+    lines += ["", "## Statistics", ""]
+    lines += [f"- {k}: `{v}`" for k, v in statistics.items()] if statistics else [empty]
+    return lines
+
+
 def card_header(result: dict, title: str, summary: str) -> list[str]:
     from moetool import __version__
 

@@ -267,15 +267,10 @@ def read_texts(prompts: Sequence[str] = (), file: str | None = None) -> list[str
             raise MoetoolError("empty prompt: give some text to trace")
         texts.append(p)
     if file is not None:
+        from moetool.textfile import read_utf8
+
         path = Path(file)
-        try:
-            content = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise MoetoolError(f"{file}: no such file") from None
-        except UnicodeDecodeError:
-            raise MoetoolError(f"{file}: not UTF-8 text") from None
-        except OSError as exc:
-            raise MoetoolError(f"{file}: cannot read ({exc.strerror})") from None
+        content = read_utf8(path, str(file))
         lines = [(i, line) for i, line in enumerate(content.splitlines(), 1) if line.strip()]
         jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (lines and lines[0][1].lstrip().startswith("{"))
         for lineno, line in lines:
