@@ -41,7 +41,7 @@ def test_load_and_find_moe_blocks(fixture):
     info = lm.load_info()
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     assert params <= info["weight_bytes"] <= params + 4096  # plus buffers (rotary, score-correction bias)
-    expert_params = sum(e.gate_up_proj.numel() + e.down_proj.numel() for *_, e in blocks) * 4
+    expert_params = sum(p.numel() for *_, e in blocks for p in e.parameters()) * 4  # gpt-oss: + biases
     assert info["expert_weight_bytes"] == expert_params
     assert info["quantization"] == "none" and info["dtype"] == "float32" and info["devices"] == {"cpu": 1}
 
