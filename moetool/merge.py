@@ -31,6 +31,7 @@ import numpy as np
 from moetool.errors import MoetoolError
 
 SIMILARITIES = ("router", "output", "weight")
+ROUTER_ROWS = ("average", "dominant")
 
 
 # -- similarity ------------------------------------------------------------------------------------------------
@@ -199,8 +200,11 @@ def alignment_perms(ckpt, layer: int, group: list[int]) -> list:
 def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", trace: str | None = None,
                      file: str | None = None, max_tokens: int | None = None, batch_size: int = 8, align: bool = False,
                      regroup: bool = False, force: bool = False, load_options: dict | None = None,
-                     progress: bool = True) -> dict:
-    """Merge MODEL's routed experts down to TO per layer and write the result to OUT."""
+                     progress: bool = True, router_row: str = "average") -> dict:
+    """Merge MODEL's routed experts down to TO per layer and write the result to OUT.
+
+    ROUTER_ROW: the merged expert's router row (and score-correction bias / router bias) is the
+    usage-weighted ``average`` of its members' rows, or the ``dominant`` member's row."""
     from moetool.prune import expert_config_updates, gather_stats, group_plan, keep_count
     import time
 
@@ -209,6 +213,8 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
     started = time.perf_counter()
     if similarity not in SIMILARITIES:
         raise MoetoolError(f"--similarity {similarity}: choose from {', '.join(SIMILARITIES)}")
+    if router_row not in ROUTER_ROWS:
+        raise MoetoolError(f"--router-row {router_row}: choose from {', '.join(ROUTER_ROWS)}")
     ckpt = Checkpoint(model)
     rc = ckpt.rc
     if not rc.moe_layers:
@@ -242,7 +248,8 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
         for grp in grouping:
             w = usage_weights(grp, usage)
             perms = alignment_perms(ckpt, L, grp) if (align and len(grp) > 1) else None
-            outs.append(OutExpert(grp, w, perms))
+            row_w = [1.0] + [0.0] * (len(grp) - 1) if router_row == "dominant" else None  # grp[0] is dominant
+            outs.append(OutExpert(grp, w, perms, row_w))
             rows.append({"sources": grp, "weights": [round(x, 6) for x in w],
                          "similarity": [round(float(sim[grp[0], e]), 6) for e in grp]})
         layers_out[L] = outs
@@ -255,8 +262,10 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
                   "top_k": {"before": int(rc.top_k), "after": top_k},
                   "groups": None if groups is None else {"n_group": groups[0], "topk_group": groups[1], "per_group": groups[2]},
                   "regrouped": bool(groups_off), "statistics": stats.source,
+                  "router_row": router_row,
                   "rule": "usage-weighted average of member weights; router row (and score-correction bias) "
-                          "= the same usage-weighted average of the members' rows"}
+                          + ("= the same usage-weighted average of the members' rows" if router_row == "average"
+                             else "= the dominant member's row")}
 
     def card(result: dict) -> str:
         return _card({**result, "merge": merge_info})
@@ -281,8 +290,10 @@ def _card(result: dict) -> str:
                f"around the most used (dominant) experts by {sim}, and each group averaged, weighted by how often "
                "the router chose each member"
                + (", after permuting each member's hidden neurons to match the dominant expert" if mg["align"] else "")
-               + ". The merged expert's router row (and DeepSeek's `e_score_correction_bias`) is the same weighted "
-                 "average of the members' rows. Shared experts, attention, embeddings and norms are unchanged.")
+               + ". The merged expert's router row (and DeepSeek's `e_score_correction_bias`) is "
+               + ("the same weighted average of the members' rows" if mg.get("router_row", "average") == "average"
+                  else "the dominant member's row")
+               + ". Shared experts, attention, embeddings and norms are unchanged.")
     lines = card_header(result, f"{Path(result['out']).name}: merged experts", summary)
     lines.append(f"- Top-k: {mg['top_k']['before']} -> {mg['top_k']['after']}")
     lines.append(f"- Similarity: `{mg['similarity']}`; alignment: {'yes' if mg['align'] else 'no'}")

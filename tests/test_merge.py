@@ -164,6 +164,43 @@ def test_merged_checkpoints_load(tmp_path, name, to, regroup):
             assert float(merged[j]) == pytest.approx(want, abs=1e-5)
 
 
+def test_router_row_dominant_keeps_the_dominant_experts_row(tmp_path):
+    """--router-row dominant: each merged expert's router row and score-correction bias are
+    exactly its dominant (first, most used) member's, while the expert weights are still the
+    usage-weighted average; average (the default) differs wherever a group has several members."""
+    import torch
+
+    from moetool.trace import trace_model
+
+    src = FIXTURES / "tiny-deepseek-v3"
+    trace, _ = trace_model(str(src), [TEXT], logits=True)
+    trace.save(tmp_path / "t.trace")
+    kw = dict(similarity="router", trace=str(tmp_path / "t.trace"), regroup=True, progress=False)
+    dom = merge_checkpoint(str(src), str(tmp_path / "dom"), 4, router_row="dominant", **kw)
+    avg = merge_checkpoint(str(src), str(tmp_path / "avg"), 4, **kw)
+    assert dom["merge"]["router_row"] == "dominant" and avg["merge"]["router_row"] == "average"
+    assert "the dominant member's row" in (tmp_path / "dom" / "README.md").read_text()
+    get, got, got_avg = _reader(src), _reader(tmp_path / "dom"), _reader(tmp_path / "avg")
+    multi = 0
+    for row in dom["merge"]["layers"]:
+        L = row["layer"]
+        w_in, b_in = get(f"model.layers.{L}.mlp.gate.weight"), get(f"model.layers.{L}.mlp.gate.e_score_correction_bias")
+        w_out, b_out = got(f"model.layers.{L}.mlp.gate.weight"), got(f"model.layers.{L}.mlp.gate.e_score_correction_bias")
+        w_avg = got_avg(f"model.layers.{L}.mlp.gate.weight")
+        for j, g in enumerate(row["groups"]):
+            assert torch.equal(w_out[j], w_in[g["sources"][0]]) and b_out[j] == b_in[g["sources"][0]]
+            if len(g["sources"]) > 1 and min(g["weights"]) > 0:
+                multi += 1
+                assert not torch.allclose(w_avg[j], w_out[j])
+        # expert weights are merged the same way under both rules
+        name = f"model.layers.{L}.mlp.experts.0.down_proj.weight"
+        assert torch.equal(got(name), got_avg(name))
+    assert multi > 0
+    r = run_cli("merge-experts", src, "--out", tmp_path / "x", "--to", "4", "--router-row", "first",
+                "--trace", tmp_path / "t.trace")
+    assert_one_line_error(r, "--router-row")
+
+
 def test_cli_output_similarity_from_text(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(TEXT + "\n" + TEXT.upper() + "\n")

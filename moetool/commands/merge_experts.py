@@ -16,14 +16,17 @@ from moetool.commands._loading_options import calibration_options, loading_optio
                    "or weight similarity.")
 @click.option("--align", is_flag=True, help="Permute each expert's hidden neurons to match its group's dominant "
                                             "expert before averaging.")
+@click.option("--router-row", type=click.Choice(["average", "dominant"]), default="average", show_default=True,
+              help="The merged expert's router row: the usage-weighted average of the group's rows, or the "
+                   "dominant expert's row.")
 @calibration_options
 @click.option("--regroup", is_flag=True,
               help="Group-limited routing (DeepSeek n_group): turn it off instead of merging within groups.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 @loading_options
-def command(model, out, to, similarity, align, trace, file, max_tokens, batch_size, regroup, force, as_json,
-            load_options) -> None:
+def command(model, out, to, similarity, align, router_row, trace, file, max_tokens, batch_size, regroup, force,
+            as_json, load_options) -> None:
     """Merge MODEL's routed experts down to --to N per layer: group them around the most used
     experts by similarity, average each group weighted by usage, and write a checkpoint that
     loads in transformers (shard by shard; --out appears only when complete).
@@ -32,7 +35,7 @@ def command(model, out, to, similarity, align, trace, file, max_tokens, batch_si
 
     result = merge_checkpoint(model, out, to, similarity=similarity, trace=trace, file=file, max_tokens=max_tokens,
                               batch_size=batch_size, align=align, regroup=regroup, force=force,
-                              load_options=load_options, progress=not as_json)
+                              load_options=load_options, progress=not as_json, router_row=router_row)
     if as_json:
         from moetool.render import print_json
 
