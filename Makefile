@@ -45,7 +45,7 @@ trained-fixtures: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# speed and memory rows -> docs/benchmarks.md (about 20 minutes on 2 cores; writes a 5.6 GB checkpoint to bench/work)
+# speed and memory rows -> docs/benchmarks.md (writes, then removes, a 5.8 GB checkpoint in bench/work)
 bench: install
 	$(PY) bench/run.py
 

@@ -162,18 +162,16 @@ def summarize(model: str, made: list[dict], ev: dict) -> list[dict]:
     return rows
 
 
-def _num_experts(model: str) -> int:
+def _fixture_rc(model: str):
+    """The resolved family config of fixtures/MODEL (from its config.json)."""
     from moetool.params import resolve_family
     from moetool.source import resolve
 
-    return int(resolve_family(resolve(str(ROOT / "fixtures" / model))).num_experts)
+    return resolve_family(resolve(str(ROOT / "fixtures" / model)))
 
 
 def _describe(model: str) -> str:
-    from moetool.params import resolve_family
-    from moetool.source import resolve
-
-    rc = resolve_family(resolve(str(ROOT / "fixtures" / model)))
+    rc = _fixture_rc(model)
     f = rc.fields
     text = f"{f['num_experts']} experts, top-{f['top_k']}, {len(rc.moe_layers)} MoE layers"
     if int(f.get("n_group") or 1) > 1:
@@ -184,6 +182,7 @@ def _describe(model: str) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    half = int(_fixture_rc("trained-mixtral").fields["num_experts"]) // 2  # the example commands: 50%
     lines = [
         "# Compression quality: pruning vs merging experts",
         "",
@@ -206,17 +205,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "```",
         "moetool trace fixtures/trained-mixtral --file calib.jsonl --max-tokens "
         f"{meta['calib_tokens']} --logits --out calib.trace",
-        "moetool prune fixtures/trained-mixtral --keep 4 --by frequency --trace calib.trace --out pruned-frequency",
-        f"moetool prune fixtures/trained-mixtral --keep 4 --by reap --file calib.jsonl --max-tokens {meta['calib_tokens']} --out pruned-reap",
-        "moetool prune fixtures/trained-mixtral --keep 4 --by random --seed 0 --out pruned-random0",
-        "moetool merge-experts fixtures/trained-mixtral --to 4 --similarity router --trace calib.trace --out merged-router",
+        f"moetool prune fixtures/trained-mixtral --keep {half} --by frequency --trace calib.trace --out pruned-frequency",
+        f"moetool prune fixtures/trained-mixtral --keep {half} --by reap --file calib.jsonl --max-tokens {meta['calib_tokens']} --out pruned-reap",
+        f"moetool prune fixtures/trained-mixtral --keep {half} --by random --seed 0 --out pruned-random0",
+        f"moetool merge-experts fixtures/trained-mixtral --to {half} --similarity router --trace calib.trace --out merged-router",
         f"moetool eval pruned-* merged-* --ref fixtures/trained-mixtral --file fixtures/corpus/heldout-prose.txt "
         f"--max-tokens {meta['eval_tokens']} --seq-len {meta['seq_len']}",
         "```",
         "",
     ]
-    half = _num_experts("trained-mixtral") // 2
-    lines = [x.replace("--keep 4", f"--keep {half}").replace("--to 4", f"--to {half}") for x in lines]
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {model}", "",
                   "| removed | experts left | method | ppl (both) | ppl prose | ppl code | KL | top-1 agree | beats random? |",
@@ -266,15 +263,13 @@ def importance(model: str, calib: Path, calib_tokens: int, tokens_per_domain: in
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moetool.params import resolve_family
     from moetool.prune import gather_stats
-    from moetool.source import resolve
 
     sys.path.insert(0, str(ROOT / "tests"))
     from oracles import routing_mask  # the reference masking the exactness tests use
 
     src = str(ROOT / "fixtures" / model)
-    rc = resolve_family(resolve(src))
+    rc = _fixture_rc(model)
     E = int(rc.fields["num_experts"])
     stats = gather_stats(src, rc, None, str(calib), calib_tokens, 8, None, reap=True, what="REAP scores")
     net = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

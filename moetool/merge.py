@@ -31,7 +31,9 @@ import numpy as np
 from moetool.errors import MoetoolError
 
 SIMILARITIES = ("router", "output", "weight")
-ROUTER_ROWS = ("average", "dominant")
+# --router-row: what a merged expert's router row (and score-correction / router bias) is
+ROUTER_ROWS = {"average": "the same usage-weighted average of the members' rows",
+               "dominant": "the dominant member's row"}
 
 
 # -- similarity ------------------------------------------------------------------------------------------------
@@ -264,8 +266,7 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
                   "regrouped": bool(groups_off), "statistics": stats.source,
                   "router_row": router_row,
                   "rule": "usage-weighted average of member weights; router row (and score-correction bias) "
-                          + ("= the same usage-weighted average of the members' rows" if router_row == "average"
-                             else "= the dominant member's row")}
+                          f"= {ROUTER_ROWS[router_row]}"}
 
     def card(result: dict) -> str:
         return _card({**result, "merge": merge_info})
@@ -290,10 +291,8 @@ def _card(result: dict) -> str:
                f"around the most used (dominant) experts by {sim}, and each group averaged, weighted by how often "
                "the router chose each member"
                + (", after permuting each member's hidden neurons to match the dominant expert" if mg["align"] else "")
-               + ". The merged expert's router row (and DeepSeek's `e_score_correction_bias`) is "
-               + ("the same weighted average of the members' rows" if mg.get("router_row", "average") == "average"
-                  else "the dominant member's row")
-               + ". Shared experts, attention, embeddings and norms are unchanged.")
+               + f". The merged expert's router row (and DeepSeek's `e_score_correction_bias`) is "
+                 f"{ROUTER_ROWS[mg['router_row']]}. Shared experts, attention, embeddings and norms are unchanged.")
     lines = card_header(result, f"{Path(result['out']).name}: merged experts", summary)
     lines.append(f"- Top-k: {mg['top_k']['before']} -> {mg['top_k']['after']}")
     lines.append(f"- Similarity: `{mg['similarity']}`; alignment: {'yes' if mg['align'] else 'no'}")
@@ -302,7 +301,7 @@ def _card(result: dict) -> str:
         g = mg["groups"]
         lines.append(f"- Group-limited routing kept: experts merged within each of {g['n_group']} groups, "
                      f"{g['per_group']} per group")
-    lines += card_statistics(bool(mg.get("regrouped")), mg.get("statistics"), "")
+    lines += card_statistics(bool(mg.get("regrouped")), mg.get("statistics"))
     lines += ["", "## Merged experts", "",
               "New expert i of a layer = the i-th group: original ids (dominant first) with their averaging weights.", "",
               "| layer | groups |", "|---|---|"]

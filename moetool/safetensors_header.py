@@ -31,7 +31,7 @@ class HeaderEntry:
     shape: tuple[int, ...]
     nbytes: int
     file: str  # the file's name (the index's weight_map value)
-    offset: int = 0  # absolute byte offset of the tensor's data in the file
+    offset: int  # absolute byte offset of the tensor's data in the file
 
     @property
     def numel(self) -> int:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from moetool.errors import MoetoolError
-from moetool.safetensors_header import DTYPE_BYTES, checkpoint_files, read_header
+from moetool.safetensors_header import DTYPE_BYTES, HeaderEntry, checkpoint_files, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
@@ -99,18 +99,6 @@ class SurgeryPlan:
 
 
 # -- reading the input ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Entry:
-    """Where one tensor's bytes are: FILE (a path) from byte BEGIN, NBYTES long."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    begin: int
-    nbytes: int
-
-
 class Checkpoint:
     """A local safetensors checkpoint: config, family, and where every tensor's bytes are."""
 
@@ -135,20 +123,19 @@ class Checkpoint:
                                    "checkpoints only (it never unpickles weights)")
             raise MoetoolError(f"{model}: no safetensors files in this checkpoint")
         self.files = files
-        self.entries: dict[str, Entry] = {}
-        self.file_entries: dict[Path, list[Entry]] = {}
+        self.entries: dict[str, HeaderEntry] = {}
+        self.file_entries: dict[Path, list[HeaderEntry]] = {}
         self.file_metadata: dict[Path, dict] = {}
         for path in files:
             header, metadata = read_header(path)  # validates sizes and offsets
             entries = []
-            for h in header:
-                name = h.name
-                ent = Entry(name, h.dtype, h.shape, path, h.offset, h.nbytes)
-                if name in self.entries:
-                    raise MoetoolError(f"{model}: tensor {name} is in both {self.entries[name].file.name} and {path.name}")
-                self.entries[name] = ent
+            for ent in header:
+                if ent.name in self.entries:
+                    raise MoetoolError(f"{model}: tensor {ent.name} is in both {self.entries[ent.name].file} and "
+                                       f"{path.name}")
+                self.entries[ent.name] = ent
                 entries.append(ent)
-            entries.sort(key=lambda x: x.begin)
+            entries.sort(key=lambda x: x.offset)
             self.file_entries[path] = entries
             self.file_metadata[path] = metadata
         self._fds: dict[Path, int] = {}
@@ -161,7 +148,9 @@ class Checkpoint:
     def largest_shard(self) -> int:
         return max(p.stat().st_size for p in self.files)
 
-    def fd(self, path: Path) -> int:
+    def fd(self, file: str | Path) -> int:
+        """An open read-only descriptor of FILE (a name in the checkpoint, or a path), kept open."""
+        path = self.path / file
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
@@ -179,7 +168,7 @@ class Checkpoint:
 
         ent = self.entries[name]
         dtype = torch_dtype(ent.dtype)
-        begin, nbytes, shape = ent.begin, ent.nbytes, ent.shape
+        begin, nbytes, shape = ent.offset, ent.nbytes, ent.shape
         if rows is not None:
             per_row = ent.nbytes // ent.shape[0]
             begin += rows[0] * per_row
@@ -196,7 +185,7 @@ class Checkpoint:
         while got < nbytes:
             n = os.preadv(fd, [view[got:]], begin + got)
             if n <= 0:
-                raise MoetoolError(f"{ent.file}: truncated while reading {name}")
+                raise MoetoolError(f"{self.path / ent.file}: truncated while reading {name}")
             got += n
         return torch.frombuffer(buffer, dtype=dtype, count=nbytes // torch.empty((), dtype=dtype).element_size()
                                 ).reshape(shape)
@@ -667,20 +656,20 @@ def _plan_outputs(ckpt: Checkpoint, plan: SurgeryPlan) -> tuple[list[tuple[Path,
     return shards, stats
 
 
-def _require_float(ent: Entry) -> None:
+def _require_float(ent: HeaderEntry) -> None:
     if ent.dtype not in FLOAT_DTYPES:
         raise MoetoolError(f"{ent.name} is {ent.dtype}: merging averages weights and needs float tensors "
                            "(dequantize the checkpoint first)")
 
 
-def _copy_tensor(ckpt: Checkpoint, ent: Entry, out_name: str) -> OutTensor:
+def _copy_tensor(ckpt: Checkpoint, ent: HeaderEntry, out_name: str) -> OutTensor:
     def write(fd: int) -> None:
-        copy_range(ckpt.fd(ent.file), fd, ent.begin, ent.nbytes)
+        copy_range(ckpt.fd(ent.file), fd, ent.offset, ent.nbytes)
 
     return OutTensor(out_name, ent.dtype, ent.shape, ent.nbytes, write, ent.nbytes)
 
 
-def _row_copy_tensor(ckpt: Checkpoint, ent: Entry, rows: list[int]) -> OutTensor:
+def _row_copy_tensor(ckpt: Checkpoint, ent: HeaderEntry, rows: list[int]) -> OutTensor:
     per_row = ent.nbytes // ent.shape[0]
 
     def write(fd: int) -> None:
@@ -691,14 +680,14 @@ def _row_copy_tensor(ckpt: Checkpoint, ent: Entry, rows: list[int]) -> OutTensor
             j = i
             while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
                 j += 1
-            copy_range(src, fd, ent.begin + rows[i] * per_row, (j - i + 1) * per_row)
+            copy_range(src, fd, ent.offset + rows[i] * per_row, (j - i + 1) * per_row)
             i = j + 1
 
     shape = (len(rows),) + ent.shape[1:]
     return OutTensor(ent.name, ent.dtype, shape, per_row * len(rows), write, ent.nbytes)
 
 
-def _row_merge_tensor(combiner: _Combiner, ent: Entry, outs: list[OutExpert]) -> OutTensor:
+def _row_merge_tensor(combiner: _Combiner, ent: HeaderEntry, outs: list[OutExpert]) -> OutTensor:
     per_row = ent.nbytes // ent.shape[0]
 
     def write(fd: int) -> None:
@@ -708,7 +697,7 @@ def _row_merge_tensor(combiner: _Combiner, ent: Entry, outs: list[OutExpert]) ->
     return OutTensor(ent.name, ent.dtype, shape, per_row * len(outs), write, ent.nbytes)
 
 
-def _merged_tensor(combiner: _Combiner, ent: Entry, out_name: str, kind: Kind, out: OutExpert) -> OutTensor:
+def _merged_tensor(combiner: _Combiner, ent: HeaderEntry, out_name: str, kind: Kind, out: OutExpert) -> OutTensor:
     def write(fd: int) -> None:
         write_tensor_bytes(fd, combiner.expert_tensor(kind.template, out, kind.proj, ent.dtype))
 
@@ -877,12 +866,12 @@ def sha256_file(path: str | Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-def card_statistics(regrouped: bool, statistics: dict | None, empty: str = "None.") -> list[str]:
+def card_statistics(regrouped: bool, statistics: dict | None, empty: str | None = None) -> list[str]:
     """The model card's lines shared by prune and merge: `--regroup`, then where the routing
-    statistics came from."""
+    statistics came from (EMPTY, if given, when there are none)."""
     lines = ["- Group-limited routing turned off (`--regroup`): n_group = topk_group = 1"] if regrouped else []
     lines += ["", "## Statistics", ""]
-    lines += [f"- {k}: `{v}`" for k, v in statistics.items()] if statistics else [empty]
+    lines += [f"- {k}: `{v}`" for k, v in statistics.items()] if statistics else ([empty] if empty else [])
     return lines
 
 

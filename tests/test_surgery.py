@@ -4,6 +4,7 @@ pruned checkpoint is ever materialised)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -235,6 +236,6 @@ def test_config_keys_come_from_the_family_spec():
 def test_unknown_dtype_refused_for_merging(tmp_path):
     ckpt = Checkpoint(str(MIXTRAL))
     ent = next(iter(ckpt.entries.values()))
-    bad = surgery.Entry(ent.name, "I8", ent.shape, ent.file, ent.begin, ent.nbytes)
+    bad = dataclasses.replace(ent, dtype="I8")
     with pytest.raises(MoetoolError, match="float"):
         surgery._require_float(bad)
