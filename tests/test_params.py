@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT, TINY, assert_one_line_error, run_cli
+from conftest import FIXTURES, ROOT, assert_one_line_error, run_cli
 from moetool.params import count_params, list_presets
 from moetool.source import presets
 

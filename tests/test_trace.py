@@ -236,7 +236,7 @@ def test_int16_expert_ids_above_256_experts(tmp_path):
 
 # -- statistics ----------------------------------------------------------------------------------------------
 def test_stats_definitions_on_known_routing():
-    E, k = 4, 2
+    E = 4
     balanced = np.array([[0, 1], [2, 3], [0, 2], [1, 3]], np.uint8)
     w = np.full((4, 2), 0.5, np.float16)
     st = layer_stats(balanced, w, E)

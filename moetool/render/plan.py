@@ -53,7 +53,7 @@ def render_plan(r: dict) -> None:
     gpus = r["hardware"]["gpus"]
     fast = "GPU" if gpus else "CPU RAM"
 
-    for title, key in ((f"placement per expert (the ideal, as engines that place single experts do)", None),
+    for title, key in (("placement per expert (the ideal, as engines that place single experts do)", None),
                        ("device map per module (what --device-map-out writes: transformers fuses a layer's experts "
                         "into one module)", "device_map")):
         t = Table(title=title, title_justify="left")
