@@ -49,6 +49,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 CHUNK_ELEMENTS = 1 << 22  # quantize at most this many values at once (bounds the temporary memory)
 
 _BACKEND_CACHE: dict[str, dict] = {}
+_log = logging.getLogger("moetool.quant")
 _LOAD_LOCK = threading.Lock()
 _WEIGHT_CLASS = None
 
@@ -272,9 +273,14 @@ def _weight_class():
             if self.bits == 4:
                 import bitsandbytes.functional as F
 
-                state = F.QuantState(absmax=absmax, shape=torch.Size(self.expert_shape), blocksize=self.blocksize,
+                # flat, then reshaped: bitsandbytes 0.50's native CPU kernel dequantizes some 2-D
+                # shapes whose rows are shorter than the block wrongly (e.g. [64, 128] at block 256;
+                # at blocks >= 2048 too when torch reports less than AVX512); flat is right on every
+                # path (tests/test_quant.py::test_expert_dequantize_on_each_cpu_dequant_path)
+                rows, cols = self.expert_shape
+                state = F.QuantState(absmax=absmax, shape=torch.Size((rows * cols,)), blocksize=self.blocksize,
                                      quant_type=self.quant_type, dtype=self.compute_dtype)
-                return F.dequantize_4bit(packed.reshape(-1, 1), state)
+                return F.dequantize_4bit(packed.reshape(-1, 1), state).reshape(rows, cols)
             return (packed.to(torch.float32) * (absmax / 127.0)[:, None]).to(self.compute_dtype)
 
         def __getitem__(self, idx):
@@ -742,6 +748,116 @@ def expert_weight_bytes(model) -> dict:
     }
 
 
+# -- nn.Linear layers bitsandbytes cannot run -------------------------------------------------------------
+# bitsandbytes 0.50 (nn/modules.py, Linear4bit.forward): on a CPU with AVX512-BF16, in eval mode and
+# without grad, the first forward repacks the 4-bit weight for its CPU kernel
+# (functional._convert_weight_packed_for_cpu), which needs out_features in tiles of 32 rows and
+# in_features a whole number of quantization blocks (Params4bit's default block, 64, which
+# transformers' integration uses); other layers fail there with a shape error. Other CPUs take a
+# generic path that runs any shape. So that a model is quantized the same way on every CPU (and
+# runs on all of them), the rule applies to every CPU load, whatever the CPU's features.
+LINEAR4BIT_BLOCKSIZE = 64
+CPU_REPACK_ROWS = 32
+
+
+CPU_KERNEL_NEEDS = (f"bitsandbytes' 4-bit CPU kernel (AVX512-BF16 path) needs in_features a multiple of "
+                    f"{LINEAR4BIT_BLOCKSIZE} and out_features a multiple of {CPU_REPACK_ROWS}")
+
+
+def linear4bit_problem(out_features: int, in_features: int, device_type: str) -> str | None:
+    """Why bitsandbytes' 4-bit ``nn.Linear`` cannot run an [out_features, in_features] weight on
+    DEVICE_TYPE ("cpu", "cuda", ...), or None when it can (see CPU_KERNEL_NEEDS)."""
+    if device_type != "cpu":
+        return None
+    if in_features % LINEAR4BIT_BLOCKSIZE:
+        return f"in_features {in_features} is not a multiple of {LINEAR4BIT_BLOCKSIZE}"
+    if out_features % CPU_REPACK_ROWS:
+        return f"out_features {out_features} is not a multiple of {CPU_REPACK_ROWS}"
+    return None
+
+
+def linear_exclusions(model, bits: int, device_type: str, skip_modules=()) -> list[dict]:
+    """The ``nn.Linear`` layers of MODEL (a skeleton on the meta device is enough) that
+    bitsandbytes would quantize to BITS but cannot run on DEVICE_TYPE: each
+    ``{"module": name, "shape": [out, in], "reason": str}``. Layers SKIP_MODULES already leaves
+    alone (transformers' matching) are not listed. int8 runs every shape (inputs of more than 3
+    dimensions are handled by :func:`flatten_int8_inputs`), so for 8 bits the list is empty."""
+    from torch import nn
+
+    if bits != 4:
+        return []
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or _skipped(name, skip_modules):
+            continue
+        reason = linear4bit_problem(module.out_features, module.in_features, device_type)
+        if reason:
+            out.append({"module": name, "shape": [int(module.out_features), int(module.in_features)],
+                        "reason": reason})
+    return out
+
+
+def _summarize_exclusions(kept: list[dict], dtype: str) -> str:
+    names = ", ".join(f"{k['module']} [{k['shape'][0]}x{k['shape'][1]}]" for k in kept[:3])
+    more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+    return (f"{len(kept)} nn.Linear layer{'s' if len(kept) != 1 else ''} kept in {dtype}, not 4-bit "
+            f"({names}{more}): {CPU_KERNEL_NEEDS}")
+
+
+def _flatten_pre_hook(module, args):
+    x = args[0] if args else None
+    if x is None or getattr(x, "ndim", 0) <= 3:
+        module._moetool_input_shape = None
+        return None
+    module._moetool_input_shape = tuple(x.shape[:-1])
+    return (x.reshape(-1, x.shape[-1]), *args[1:])
+
+
+def _flatten_post_hook(module, args, output):
+    shape = getattr(module, "_moetool_input_shape", None)
+    if shape is None:
+        return None
+    module._moetool_input_shape = None
+    return output.reshape(*shape, output.shape[-1])
+
+
+def flatten_int8_inputs(model) -> int:
+    """bitsandbytes' int8 matmul (``MatMul8bitLt``, 0.50) flattens 3-D inputs only and fails on
+    a 4-D one (DeepSeek's ``kv_b_proj`` gets [batch, 1, seq, rank]). Give every bitsandbytes int8
+    layer its input as [tokens, features] when it has more than 3 dimensions (the same rows
+    bitsandbytes quantizes for a 3-D input) and the output back in the input's shape: plain
+    torch forward hooks, once per layer. Returns how many layers got them."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear8bitLt" or getattr(module, "_moetool_flatten", False):
+            continue
+        module.register_forward_pre_hook(_flatten_pre_hook)
+        module.register_forward_hook(_flatten_post_hook)
+        module._moetool_flatten = True
+        count += 1
+    return count
+
+
+def _skeleton(model_id_or_path, kwargs: dict):
+    """MODEL built on the meta device from its config (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    opts = {k: kwargs[k] for k in ("local_files_only", "trust_remote_code", "revision", "cache_dir", "token")
+            if k in kwargs}
+    config = AutoConfig.from_pretrained(model_id_or_path, **opts)
+    with torch.device("meta"):  # keeps fused expert params on meta (init_empty_weights does not)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=opts.get("trust_remote_code", False))
+
+
+def _default_skips(skeleton) -> list[str]:
+    """What transformers' bitsandbytes integration leaves unquantized when not told (lm_head,
+    tied and last modules): passing ``llm_int8_skip_modules`` replaces that default."""
+    from moetool import hf_compat
+
+    return hf_compat.default_skip_modules(skeleton)
+
+
 # -- loading ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quantize_experts_on_load(bits: int, quant_type: str, blocksize: int, compute_dtype, counter: dict,
@@ -900,6 +1016,16 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
         values = set(map(str, device_map.values()))
         if values != {"cpu"} and values & {"cpu", "disk"}:
             _allow_offload(config, notes)
+    kept: list[dict] = []
+    if bits == 4 and target.type == "cpu":
+        # layers bitsandbytes' 4-bit CPU kernel cannot run stay in the compute dtype (decided
+        # from the model's structure, before any weight is read)
+        skeleton = _skeleton(model_id_or_path, kwargs)
+        base = skip if bnb_kwargs.get("llm_int8_skip_modules") is not None else _default_skips(skeleton)
+        kept = linear_exclusions(skeleton, bits, target.type, base)
+        del skeleton
+        if kept:
+            config.llm_int8_skip_modules = list(base) + [k["module"] for k in kept]
     kwargs = dict(kwargs)
     kwargs.pop("quantization_config", None)
     if device_map is not None:
@@ -931,6 +1057,7 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
         quiet.setLevel(level)
     load_seconds = time.perf_counter() - start
     model.eval()
+    flattened = flatten_int8_inputs(model) if bits == 8 else 0
     if quantize_experts_too:
         after = quantize_experts(model, bits=bits, quant_type=quant_type, blocksize=blocksize, skip_modules=skip)
     else:
@@ -951,6 +1078,8 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
         "experts_quantized_after_loading": int(after["tensors"]) if after else 0,
         "experts_forward": after["forward"] if after else None,
         "offloaded_expert_modules": after["offloaded_modules"] if after else [],
+        "kept_in_compute_dtype": kept,
+        "int8_flatten_hooks": flattened,
         "load_seconds": round(load_seconds, 4),
         "seconds": round(time.perf_counter() - start, 4),
         **{k: sizes[k] for k in ("weight_bytes", "expert_weight_bytes", "expert_params", "expert_bf16_bytes",
@@ -958,6 +1087,18 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
     }
     if not quantize_experts_too:
         notes.append("experts left in full precision (quantize_experts=False)")
+    if kept:
+        notes.append(_summarize_exclusions(kept, "the checkpoint's dtype" if report["dtype"] == "auto"
+                                           else report["dtype"]))
+    warnings_ = []
+    if report["experts_quantized_after_loading"]:
+        why = ("transformers' quantizer hooks were not found" if not counter.get("patched")
+               else "transformers did not hand them to the quantizer while loading")
+        warnings_.append(f"{report['experts_quantized_after_loading']} fused expert tensors were quantized after a "
+                         f"full-precision load ({why}): peak memory was the full-precision model's")
+    report["warnings"] = warnings_
+    for line in warnings_:
+        _log.warning("warning: %s", line)
     remote = _experts_away_from_execution(model)
     report["offloaded_expert_modules"] = sorted(set(report["offloaded_expert_modules"]) | set(remote))
     if report["offloaded_expert_modules"]:

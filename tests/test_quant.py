@@ -18,6 +18,7 @@ import io
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # running as a script
     sys.path.insert(0, str(ROOT))
 
+from bnb_paths import (PATHS, assert_path_taken, cpu_has_avx512bf16, force_cpu_path,  # noqa: E402
+                       linear4bit_layers, reference_packed_gemv)
 from moetool import quant  # noqa: E402
 from moetool.errors import MoetoolError  # noqa: E402
 
@@ -194,7 +197,9 @@ def test_load_in_4bit_per_expert_checkpoint():
     """The bundled fixture stores experts per expert (w1/w2/w3): transformers fuses them while
     loading, and the fused tensor is what gets quantized."""
     model, report = quant.load_in_4bit(FIXTURES / "tiny-mixtral", dtype="auto")
-    assert report["experts_quantized_while_loading"] == 4 and report["quantization"] == "bnb-nf4"
+    assert report["experts_quantized_while_loading"] == 4 and report["experts"] == "nf4"
+    # hidden 32: no attention projection fits bitsandbytes' 4-bit CPU kernel; they stay float32 on CPU
+    assert report["quantization"] == ("experts-nf4" if report["device"] == "cpu" else "bnb-nf4")
     assert report["dtype"] == "auto" and model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
     assert report["expert_weight_bytes"] <= 0.15 * report["expert_params"] * 4  # vs float32
 
@@ -256,8 +261,11 @@ def test_codes_are_bitsandbytes_codes():
         packed, state = F.quantize_4bit(w[e], blocksize=64, quant_type="nf4")
         assert torch.equal(q.packed[e], packed.reshape(-1)) and torch.equal(q.absmax[e], state.absmax)
         assert torch.equal(q[e], F.dequantize_4bit(packed, state))
-        packed, state = F.quantize_4bit(w[e, :, :30].contiguous(), blocksize=128, quant_type="fp4")
-        assert torch.equal(odd.packed[e], packed.reshape(-1)) and torch.equal(odd[e], F.dequantize_4bit(packed, state))
+        flat = w[e, :, :30].reshape(-1)  # rows of 30 < block 128: compared flat (see test_expert_dequantize_...)
+        packed, state = F.quantize_4bit(flat, blocksize=128, quant_type="fp4")
+        assert torch.equal(odd.packed[e], packed.reshape(-1))
+        assert torch.equal(odd[e], F.dequantize_4bit(packed, state).reshape(96, 30))
+        assert torch.allclose(odd[e].float(), _plain_dequantize(odd, e), atol=1e-2, rtol=1e-2)
 
 
 @needs_bnb_cpu
@@ -365,6 +373,181 @@ def test_missing_backend_is_one_line_error(monkeypatch, mixtral_checkpoint):
         assert "\n" not in str(err.value) and "not available" in str(err.value)
     with pytest.raises(MoetoolError):
         quant.quantize_experts_4bit(tiny_model("mixtral"))
+
+
+# -- bitsandbytes' two CPU paths, forced whatever CPU runs the suite (tests/bnb_paths.py) ----------------------------
+SHAPES = [(out, inp) for out in (16, 32, 48, 96) for inp in (16, 32, 96, 128, 192)]  # [out_features, in_features]
+
+
+def _linear4bit(out_features: int, in_features: int, seed: int = 0):
+    import bitsandbytes as bnb
+
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+    layer.bias = torch.nn.Parameter(torch.randn(out_features, generator=g), requires_grad=False)
+    return layer.to("cpu").eval()
+
+
+def _reference_linear(layer, x):
+    import bitsandbytes.functional as F
+
+    w = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return torch.nn.functional.linear(x.float(), w, layer.bias.float())
+
+
+@needs_bnb_cpu
+@pytest.mark.parametrize("path", PATHS)
+def test_rule_is_exactly_what_each_cpu_path_runs(monkeypatch, path):
+    """moetool.quant.linear4bit_problem names exactly the shapes bitsandbytes' 4-bit Linear
+    cannot run on the AVX512-BF16 path (a shape error on the first forward), and the generic
+    path runs them all; where a layer runs, it computes x @ W.T + b with W its own codes."""
+    force_cpu_path(monkeypatch, path)
+    x = torch.randn(2, 5, 192, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    runs = {}
+    for out_f, in_f in SHAPES:
+        layer = _linear4bit(out_f, in_f)
+        ref = _reference_linear(layer, x[..., :in_f])
+        try:
+            with torch.no_grad():
+                y = layer(x[..., :in_f])
+        except (RuntimeError, AssertionError):
+            runs[(out_f, in_f)] = False
+            continue
+        runs[(out_f, in_f)] = True
+        assert bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False)) == (path == "avx512bf16")
+        assert rel(ref, y) < 0.02, (out_f, in_f)
+    expected = {shape: path == "generic" or quant.linear4bit_problem(*shape, "cpu") is None for shape in SHAPES}
+    assert runs == expected
+    assert any(expected.values()) and (path == "generic" or not all(expected.values()))
+
+
+@needs_bnb_cpu
+@pytest.mark.skipif(not cpu_has_avx512bf16(), reason="this CPU has no AVX512-BF16 kernel to compare with")
+def test_reference_gemv_matches_the_avx512bf16_kernel(monkeypatch):
+    """The stand-in used on CPUs without AVX512-BF16 computes what the real kernel does."""
+    force_cpu_path(monkeypatch, "avx512bf16")
+    x = torch.randn(3, 7, 192, dtype=torch.bfloat16)
+    for shape in ((32, 64), (96, 192), (64, 128)):
+        layer = _linear4bit(*shape)
+        with torch.no_grad():
+            y = layer(x[..., :shape[1]])
+        state = layer.weight.quant_state
+        assert state.packing_format_for_cpu
+        mine = reference_packed_gemv(x[..., :shape[1]], layer.weight.data, state=state) + layer.bias
+        assert rel(y, mine) < 0.01
+
+
+@needs_bnb_cpu
+@pytest.mark.parametrize("path", PATHS)
+def test_load_in_4bit_on_each_cpu_path(monkeypatch, mixtral_checkpoint, path):
+    """The fused-expert path of moetool.quant with bitsandbytes' Linear layers on either CPU path."""
+    force_cpu_path(monkeypatch, path)
+    ref = _load_plain(mixtral_checkpoint)
+    model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
+    assert report["quantization"] == "bnb-nf4" and report["kept_in_compute_dtype"] == []  # hidden 64: all run
+    ids = tokens()
+    out = logits(model, ids)
+    assert_path_taken(model, path)
+    assert len(linear4bit_layers(model)) == 8
+    assert torch.isfinite(out).all() and kl(logits(ref, ids), out) < LOGITS_KL_4BIT
+    assert max(experts_errors(ref, model, ids)) < EXPERTS_REL_ERR_4BIT
+
+
+@needs_bnb_cpu
+@pytest.mark.parametrize("path", PATHS)
+def test_narrow_layers_stay_in_compute_dtype_on_each_cpu_path(monkeypatch, path):
+    """DeepSeek-V3 at hidden 64: kv_b_proj (in 32), kv_a_proj_with_mqa (out 40), the shared and
+    dense MLPs' layers are narrower than bitsandbytes' CPU kernel takes; they stay bfloat16
+    nn.Linear, the report names them with the reason, and the model runs on both paths."""
+    from transformers import AutoModelForCausalLM
+
+    force_cpu_path(monkeypatch, path)
+    src = tiny_model("deepseek_v3")
+    with tempfile.TemporaryDirectory() as tmp:
+        src.save_pretrained(tmp)
+        model, report = quant.load_in_4bit(tmp, dtype="bfloat16")
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(tiny_config("deepseek_v3"))
+    kept = {k["module"]: k for k in report["kept_in_compute_dtype"]}
+    expected = {n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+                and quant.linear4bit_problem(m.out_features, m.in_features, "cpu")}
+    assert set(kept) == expected and "model.layers.0.self_attn.kv_b_proj" in kept
+    assert kept["model.layers.0.self_attn.kv_b_proj"]["reason"] == "in_features 32 is not a multiple of 64"
+    modules = dict(model.named_modules())
+    for name in kept:
+        assert type(modules[name]) is torch.nn.Linear and modules[name].weight.dtype == torch.bfloat16
+    assert linear4bit_layers(model) and any("kept in bfloat16, not 4-bit" in n for n in report["notes"])
+    ids = tokens()
+    out = logits(model, ids)
+    assert_path_taken(model, path)
+    assert torch.isfinite(out).all() and kl(logits(src, ids), out) < LOGITS_KL_4BIT
+
+
+@needs_bnb_cpu
+def test_without_the_rule_the_avx512bf16_path_fails(monkeypatch):
+    """The forced path reaches bitsandbytes' real limit on any CPU: without moetool's rule the
+    narrow layers are quantized and the first forward fails in the repacking."""
+    force_cpu_path(monkeypatch, "avx512bf16")
+    monkeypatch.setattr(quant, "linear_exclusions", lambda *a, **k: [])
+    model, report = quant.load_in_4bit(FIXTURES / "tiny-mixtral", dtype="bfloat16")
+    assert report["kept_in_compute_dtype"] == [] and report["quantization"] == "bnb-nf4"
+    with pytest.raises(RuntimeError, match="invalid for input of size"):
+        logits(model, tokens(1, 8, 384))
+
+
+def _plain_dequantize(q, e: int) -> torch.Tensor:
+    """Expert e of a 4-bit QuantizedExpertWeight dequantized in plain torch: two codes a byte
+    (high nibble first), each code's value from the NF4/FP4 table times its block's absmax."""
+    import bitsandbytes.functional as F
+
+    rows, cols = q.expert_shape
+    n = rows * cols
+    codes = q.packed[e]
+    idx = torch.stack([codes >> 4, codes & 0xF], -1).reshape(-1)[:n].long()
+    table = F.get_4bit_type(q.quant_type, device="cpu")
+    return (table[idx] * q.absmax[e].repeat_interleave(q.blocksize)[:n]).reshape(rows, cols)
+
+
+@needs_bnb_cpu
+@pytest.mark.parametrize("has_avx512", [True, False], ids=["torch-avx512", "torch-other"])
+@pytest.mark.parametrize("shape", [(64, 128), (32, 24), (128, 64)])
+def test_expert_dequantize_on_each_cpu_dequant_path(monkeypatch, has_avx512, shape):
+    """bitsandbytes' CPU dequantization takes its native kernel or a generic one depending on
+    torch's CPU capability (backends.cpu.ops._has_avx512) and the block size; its native kernel
+    is wrong for a 2-D shape whose rows are shorter than the block. The experts' codes must
+    dequantize to the plain-torch values on either path, at every block size."""
+    import bitsandbytes.backends.cpu.ops as cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "_has_avx512", has_avx512)
+    w = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3), dtype=torch.bfloat16)
+    for blocksize in quant.BLOCKSIZES:
+        q = quant._quantize_tensor(w, 4, "nf4", blocksize, torch.bfloat16, torch.device("cpu"))
+        for e in range(2):
+            assert torch.allclose(q[e].float(), _plain_dequantize(q, e), atol=1e-2, rtol=1e-2), blocksize
+        assert rel(w, q.dequantize()) < 0.2
+
+
+def test_int8_layers_take_inputs_of_any_rank():
+    """bitsandbytes' int8 matmul flattens 3-D inputs only; moetool.quant's hooks give a 4-D
+    input (DeepSeek's kv_b_proj) the same rows, so the result is the 3-D one, reshaped."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(16, 24, bias=True, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(torch.randn(24, 16), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu").eval()
+    x = torch.randn(2, 1, 9, 16, dtype=torch.float16)
+    model = torch.nn.Sequential(layer)
+    with pytest.raises(RuntimeError):
+        with torch.no_grad():
+            model(x)
+    assert quant.flatten_int8_inputs(model) == 1 and quant.flatten_int8_inputs(model) == 0  # once per layer
+    with torch.no_grad():
+        y4 = model(x)
+        y3 = model(x.reshape(2, 9, 16))
+    assert y4.shape == (2, 1, 9, 24) and torch.equal(y4.reshape(2, 9, 24), y3)
 
 
 # -- GPU (same code path; skipped without CUDA) -----------------------------------------------------------------------
