@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from moetool import __version__
-from moetool.errors import MoetoolError
+from moetool.errors import MoetoolError, Terminated
 
 _COMMANDS_DIR = Path(__file__).parent / "commands"
 
@@ -36,14 +37,37 @@ def cli() -> None:
     """Inspect and compress Mixture-of-Experts checkpoints."""
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and a non-zero exit, no traceback."""
+    """Entry point: user errors become one line on stderr and a non-zero exit, no traceback.
+
+    Exit status (docs/promises.md): 0 done; 2 bad input or an environment that refused (one
+    `error:` line); 1 a bug (one line unless MOETOOL_DEBUG=1); 130 Ctrl-C; 143 SIGTERM. Both
+    signals run the same cleanup as any failure (temporary outputs removed)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        previous = None
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, prog_name="moetool", standalone_mode=False)
     except MoetoolError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click wraps the signal in Abort
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("terminated", err=True)
+            sys.exit(143)
         click.echo("interrupted", err=True)
         sys.exit(130)
     except click.exceptions.NoArgsIsHelpError as exc:  # bare `moetool`: the help, as click prints it
@@ -56,14 +80,28 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except OSError as exc:  # full disk, permissions: the environment, not a bug
-        click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
-        sys.exit(1)
+    except OSError as exc:  # full disk, permissions: the environment, not a bug; say what it did
+        click.echo(f"error: {os_error_message(exc)}", err=True)
+        sys.exit(2)
     except Exception as exc:  # a bug: still one line unless debugging
+        if type(exc).__name__ == "SafetensorError":  # a damaged file that slipped past the header checks
+            click.echo(f"error: corrupt safetensors file ({_first_line(exc)})", err=True)
+            sys.exit(2)
         if os.environ.get("MOETOOL_DEBUG"):
             raise
         click.echo(f"error: {type(exc).__name__}: {exc} (set MOETOOL_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def os_error_message(exc: OSError) -> str:
+    """'cannot write /x/y: Read-only file system': what the environment did, and to which path."""
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename else what
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class DistillOptions:
     load_options: dict = field(default_factory=dict)  # moetool.loading.load_model keyword arguments
     force: bool = False
     progress: bool = True
+    accept_foreign_trace: bool = False
 
     @property
     def warmup_steps(self) -> int:
@@ -129,6 +130,9 @@ def check_options(model: str, opts: DistillOptions):
     if source.kind != "checkpoint" or source.path is None:
         raise MoetoolError(f"{model}: a {source.kind} has no weights to distill; give a checkpoint directory "
                            "or a cached Hub id")
+    from moetool.checks import check_weights
+
+    check_weights(model, source.path, rc, allow_pickle=bool((opts.load_options or {}).get("allow_pickle")))
     if opts.init not in INIT_METHODS:
         raise MoetoolError(f"unknown --init '{opts.init}' (choose from {', '.join(INIT_METHODS)})")
     for name, value, low in (("--steps", opts.steps, 0), ("--seq-len", opts.seq_len, 2), ("--batch-size", opts.batch_size, 1),
@@ -154,26 +158,37 @@ def check_options(model: str, opts: DistillOptions):
         raise MoetoolError("--eval-every needs held-out text: give --eval-file")
     if not opts.files:
         raise MoetoolError("give the training text with --file")
-    out = Path(opts.out)
-    teacher = source.path.resolve()
-    o = out.resolve()
-    if o == teacher or teacher in o.parents or o in teacher.parents:
-        raise MoetoolError(f"--out {opts.out} overlaps the teacher checkpoint {source.path}; write somewhere else")
-    if out.exists() and not opts.force:
-        raise MoetoolError(f"{opts.out} already exists; use --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise MoetoolError(f"{opts.out} exists and is not a directory")
+    from moetool.outdir import check_disk_space, check_output
+
+    out = check_output(opts.out, [source.path], opts.force)  # exists / moetool's own / writable, before training
+    check_disk_space(out.resolve().parent, _student_bytes(rc, opts, source.config))
     if opts.resume and _latest_checkpoint(_checkpoint_dir(opts)) is None:
         raise MoetoolError(f"--resume: no checkpoint in {_checkpoint_dir(opts)}")
     lo = opts.load_options or {}
     if lo.get("load_in_4bit") or lo.get("load_in_8bit"):
         raise MoetoolError("the student starts from the teacher's own weights: load the teacher unquantized "
                            "(no --load-in-4bit/--load-in-8bit) to distill")
-    if opts.trace and not Path(opts.trace).is_file():
-        raise MoetoolError(f"--trace {opts.trace}: no such file")
+    if opts.trace:
+        from moetool.prune import load_trace_for
+
+        load_trace_for(opts.trace, rc, model, source.path, opts.accept_foreign_trace)  # shapes and fingerprint
     texts = [(f, _read_text(f, "--file")) for f in opts.files]
     eval_texts = [(f, _read_text(f, "--eval-file")) for f in opts.eval_files]
     return source, rc, spec, texts, eval_texts
+
+
+def _student_bytes(rc, opts: DistillOptions, config: dict) -> int:
+    """About what the student's weights take on disk (for the disk-space check before training):
+    the teacher's embeddings, attention, norms and head, plus one dense MLP per layer."""
+    from moetool.count import count_config
+    from moetool.distill_init import default_width
+
+    roles = count_config(rc)["roles"]
+    kept = sum(roles[r]["total"] for r in ("embeddings", "attention", "norms", "lm_head") if r in roles)
+    width = opts.intermediate_size or default_width(rc)
+    params = kept + int(rc.num_layers) * 3 * int(rc.hidden_size) * int(width)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return params * {"bfloat16": 2, "float16": 2}.get(dtype, 4)
 
 
 # -- data -------------------------------------------------------------------------------------------------
@@ -777,11 +792,10 @@ def _write_output(accelerator, student, tokenizer, source, opts: DistillOptions,
     """Main process: write everything to a temporary directory beside --out, then move it in."""
     state_dict = accelerator.get_state_dict(student)  # every process (FSDP gathers)
     if accelerator.is_main_process:
+        from moetool.outdir import atomic_output_dir, marker
+
         out = Path(opts.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with atomic_output_dir(out, opts.force, marker("distill", source=str(source.name))) as tmp:
             unwrapped = accelerator.unwrap_model(student)
             dtype = _save_dtype(source)
             state_dict = {k: v.detach().to("cpu", dtype) for k, v in state_dict.items()}
@@ -796,13 +810,4 @@ def _write_output(accelerator, student, tokenizer, source, opts: DistillOptions,
             has_plot = plot_curve(result, tmp / "training_curve.png")
             (tmp / "README.md").write_text(model_card(result, has_plot))
             (tmp / "distill.json").write_text(json.dumps(result, indent=1, default=str))
-            if out.exists():  # --force: swap, then drop the old one
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -85,13 +85,25 @@ def student_config(teacher_config: dict, rc, width: int) -> dict:
         raise MoetoolError(f"--intermediate-size must be at least 1 (got {width})")
     names = {**rc.names, "student_intermediate": int(width)}
     cfg = {k: v for k, v in teacher_config.items() if k not in _DROP_ALWAYS}
-    for key in spec.get("config_drop", []):
+    for key in _with_fallbacks(rc.family, spec.get("config_drop", [])):
         cfg.pop(key, None)
     for key, expr in spec.get("config_set", {}).items():
         cfg[key] = evaluate(expr, names)
     cfg["model_type"] = spec["model_type"]
     cfg["architectures"] = list(spec["architectures"])
     return cfg
+
+
+def _with_fallbacks(family, keys: list[str]) -> list[str]:
+    """KEYS and every key they fall back to through the family's defaults (Qwen3-MoE's
+    ``num_experts`` defaults to ``num_local_experts``: dropping one drops both)."""
+    defaults = family.spec.get("defaults", {})
+    out = list(keys)
+    for key in out:  # grows while iterating: follows chains
+        fallback = defaults.get(key)
+        if isinstance(fallback, str) and fallback.isidentifier() and fallback not in out:
+            out.append(fallback)
+    return out
 
 
 def build_student(cfg: dict, seed: int, dtype=None):

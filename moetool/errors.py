@@ -1,5 +1,17 @@
-"""The one exception type the CLI turns into a one-line error and a non-zero exit."""
+"""The exception types the CLI turns into a one-line error and an exit status (docs/promises.md)."""
 
 
 class MoetoolError(Exception):
-    """A problem with the user's input or environment, worded for the user (one line)."""
+    """A problem with the user's input or environment, worded for the user (one line): exit 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C: exit 143."""
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (library code that must tell the user something
+    without failing: a stale temporary directory removed, a trace without a fingerprint)."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -151,6 +151,10 @@ def evaluate_models(models: list[str], file: str, ref: str | None = None, max_to
         raise MoetoolError("--max-tokens must be at least 2")
     load_options = dict(load_options or {})
     text = _read_text(file)
+    from moetool.checks import check_model
+
+    for m in dict.fromkeys(([ref] if ref else []) + models):  # every model's weights, before loading any
+        check_model(m, bool(load_options.get("allow_pickle")), what="evaluate")
     trc = bool(load_options.get("trust_remote_code"))
     tok_model = ref or models[0]
     tok = _tokenizer(tok_model, trc)

@@ -232,8 +232,14 @@ def load_model(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load MODEL (checkpoint directory or cached Hub id) with its tokenizer, offline."""
+    """Load MODEL (checkpoint directory or cached Hub id) with its tokenizer, offline.
+
+    Before anything heavy, ``moetool.checks.check_weights`` reads the safetensors headers: an
+    incomplete or damaged checkpoint is a one-line error, and pickled weights are refused
+    unless ALLOW_PICKLE (then read with torch's ``weights_only``). A load that transformers
+    reports with missing, unexpected or mismatched keys is an error, never a random init."""
     from moetool.params import resolve_family
     from moetool.source import resolve
 
@@ -247,6 +253,9 @@ def load_model(
         )
     if load_in_4bit and load_in_8bit:
         raise MoetoolError("choose one of --load-in-4bit and --load-in-8bit")
+    from moetool.checks import check_weights
+
+    check_weights(model, source.path, rc, allow_pickle=allow_pickle)
     if (load_in_4bit or load_in_8bit) and not _has_module("bitsandbytes"):
         raise MoetoolError("4-bit/8-bit loading needs bitsandbytes, which is not installed (pip install bitsandbytes)")
 
@@ -269,6 +278,10 @@ def load_model(
     if isinstance(dmap, dict) and set(dmap) != {""}:
         dmap = _complete_device_map(str(source.path), dmap, trust_remote_code)
     kwargs: dict[str, Any] = dict(local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    if allow_pickle:
+        kwargs["weights_only"] = True  # torch.load of tensors only: no arbitrary objects
+    else:
+        kwargs["use_safetensors"] = True  # never falls back to a pickle
     if dmap is not None:
         kwargs["device_map"] = dmap
         kwargs["offload_folder"] = offload_folder
@@ -290,7 +303,8 @@ def load_model(
 
                 kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
                 quantization = "bnb-int8, experts not quantized"
-            hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            hf_model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+            check_loading_info(model, info)
     except MoetoolError:
         raise
     except (ValueError, RuntimeError, OSError, KeyError, TypeError, ImportError, AttributeError) as exc:
@@ -312,6 +326,24 @@ def load_model(
     _fill_load_info(loaded)
     moe_blocks(loaded)  # fail now, with a clear message, if the layout is not found
     return loaded
+
+
+def check_loading_info(model: str, info: dict) -> None:
+    """transformers initialises weights it did not find at random and only logs it: here a
+    missing, unexpected or misshapen key is a one-line error."""
+    from moetool.checks import SHOWN
+
+    for key, what in (("missing_keys", "missing from the checkpoint (transformers would initialise them at random)"),
+                      ("mismatched_keys", "of the wrong shape"),
+                      ("unexpected_keys", "in the checkpoint but not in the model")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in (info.get(key) or ()))
+        if names:
+            more = f" (+{len(names) - SHOWN} more)" if len(names) > SHOWN else ""
+            raise MoetoolError(f"{model}: cannot load: {len(names)} weight{'s' if len(names) > 1 else ''} "
+                               f"{what}: {', '.join(names[:SHOWN])}{more}")
+    errors = [str(e) for e in (info.get("error_msgs") or ())]
+    if errors:
+        raise MoetoolError(f"{model}: cannot load: {errors[0].strip().splitlines()[0]}")
 
 
 def _complete_device_map(path: str, mapping: dict, trust_remote_code: bool) -> dict:

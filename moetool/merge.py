@@ -202,7 +202,7 @@ def alignment_perms(ckpt, layer: int, group: list[int]) -> list:
 def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", trace: str | None = None,
                      file: str | None = None, max_tokens: int | None = None, batch_size: int = 8, align: bool = False,
                      regroup: bool = False, force: bool = False, load_options: dict | None = None,
-                     progress: bool = True, router_row: str = "average") -> dict:
+                     progress: bool = True, router_row: str = "average", accept_foreign_trace: bool = False) -> dict:
     """Merge MODEL's routed experts down to TO per layer and write the result to OUT.
 
     ROUTER_ROW: the merged expert's router row (and score-correction bias / router bias) is the
@@ -228,10 +228,11 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
     to = keep_count(E, to, None, what="--to")
     groups = group_plan(rc, to, regroup)
     if not (trace or file):
-        raise MoetoolError("merging weights experts by how much they are used: give --trace FILE or --file TEXT")
+        raise MoetoolError("merging needs how often each expert is used (each group is averaged weighted by use): give --trace FILE or --file TEXT")
     stats = gather_stats(model, rc, trace, file, max_tokens, batch_size, load_options,
                          outputs=(similarity == "output"), logits=(similarity == "router"),
-                         what=f"{similarity} similarity")
+                         what=f"{similarity} similarity", checkpoint=ckpt.path,
+                         accept_foreign_trace=accept_foreign_trace)
     layers_out: dict[int, list] = {}
     report = []
     for L in rc.moe_layers:

@@ -516,7 +516,9 @@ def write_json(path: str | os.PathLike, data) -> None:
     path = Path(path)
     if not path.parent.exists():
         raise MoetoolError(f"{path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    from moetool.outdir import tmp_file_beside
+
+    tmp = tmp_file_beside(path)
     try:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
@@ -623,7 +625,7 @@ class Plan:
 def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0, context: int = 4096,
          batch: int = 1, precision: str = "bf16", trace=None, holdout: float = 0.2, seed: int = 0,
          ep: int | None = None, nodes: int = 1, redundant: int = 0, dispatch_dtype: str = "bf16",
-         capacity_factors=(), device_map_out=None, ep_map_out=None) -> Plan:
+         capacity_factors=(), device_map_out=None, ep_map_out=None, accept_foreign_trace: bool = False) -> Plan:
     """Plan MODEL (preset, config.json, checkpoint dir, cached Hub id) on the given hardware.
     TRACE is a path or a moetool.trace.Trace."""
     from moetool.count import kv_cache_per_token
@@ -663,6 +665,9 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
         parse_factor(c)
     source = resolve(model)
     rc = resolve_family(source)
+    from moetool.checks import check_if_checkpoint
+
+    check_if_checkpoint(model, source, rc)
     if ep is not None:
         check_ep(int(rc.num_experts), ep, nodes, redundant)
     tr = None
@@ -674,6 +679,11 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
             check_trace_matches(tr, rc)
         except MoetoolError as exc:
             raise MoetoolError(f"{model}: {exc}") from None
+        if not isinstance(trace, Trace):
+            from moetool.fingerprint import check_trace_of_model
+
+            check_trace_of_model(tr, trace, model, rc, source.path if source.kind == "checkpoint" else None,
+                                 accept=accept_foreign_trace)
         if tr.tokens == 0:
             raise MoetoolError(f"{trace}: the trace has no tokens")
         routing = routing_from_trace(tr, holdout, seed)

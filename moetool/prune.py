@@ -94,7 +94,9 @@ def trace_source(path: str, trace) -> dict:
             "traced_model": trace.meta.get("model"), "texts": len(trace.texts)}
 
 
-def load_trace_for(path: str, rc):
+def load_trace_for(path: str, rc, model: str | None = None, checkpoint=None, accept_foreign: bool = False):
+    """Load the trace at PATH and check it fits RC; with CHECKPOINT (a directory), that it was
+    recorded on that model (moetool.fingerprint; ACCEPT_FOREIGN: --accept-foreign-trace)."""
     from moetool.trace import Trace, check_trace_matches
 
     trace = Trace.load(path)
@@ -102,6 +104,10 @@ def load_trace_for(path: str, rc):
         check_trace_matches(trace, rc)
     except MoetoolError as exc:
         raise MoetoolError(f"--trace {path}: {exc}") from None
+    if checkpoint is not None:
+        from moetool.fingerprint import check_trace_of_model
+
+        check_trace_of_model(trace, path, model or str(checkpoint), rc, checkpoint, accept=accept_foreign)
     return trace
 
 
@@ -261,7 +267,7 @@ def check_trace_matches_rc(a, b) -> None:
 
 def gather_stats(model: str, rc, trace: str | None, file: str | None, max_tokens: int | None, batch_size: int,
                  load_options: dict | None, reap: bool = False, outputs: bool = False, logits: bool = False,
-                 what: str = "statistics") -> RoutingStats | None:
+                 what: str = "statistics", checkpoint=None, accept_foreign_trace: bool = False) -> RoutingStats | None:
     """Routing statistics from --trace or --file (see the module docstring); None when neither."""
     from moetool.trace import read_texts
 
@@ -273,7 +279,7 @@ def gather_stats(model: str, rc, trace: str | None, file: str | None, max_tokens
                          logits=logits, source={"file": str(file), "sha256": file_digest(file)}, rc=rc)
     if not trace:
         return None
-    tr = load_trace_for(trace, rc)
+    tr = load_trace_for(trace, rc, model, checkpoint, accept_foreign_trace)
     src = trace_source(trace, tr)
     need_run = reap or outputs or (logits and not tr.has_logits)
     if not need_run:
@@ -441,7 +447,8 @@ def expert_config_updates(ckpt, num_experts: int, groups_off: bool) -> tuple[dic
 def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float | None = None, by: str = "frequency",
                      trace: str | None = None, file: str | None = None, max_tokens: int | None = None,
                      batch_size: int = 8, seed: int = 0, global_budget: bool = False, regroup: bool = False,
-                     force: bool = False, load_options: dict | None = None, progress: bool = True) -> dict:
+                     force: bool = False, load_options: dict | None = None, progress: bool = True,
+                     accept_foreign_trace: bool = False) -> dict:
     """Prune MODEL's routed experts and write the result to OUT. Returns plain data."""
     import time
 
@@ -456,11 +463,14 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
     n = keep_count(int(rc.num_experts), keep, ratio)
     if by not in METHODS:
         raise MoetoolError(f"--by {by}: choose from {', '.join(METHODS)}")
+    if not global_budget:
+        group_plan(rc, n, regroup)  # group-limited routing constraints, before any calibration
     if by == "random" and not (trace or file):
         stats = None
     else:
         stats = gather_stats(model, rc, trace, file, max_tokens, batch_size, load_options,
-                             reap=(by == "reap"), what="REAP scores (expert output norms)")
+                             reap=(by == "reap"), what="REAP scores (expert output norms)",
+                             checkpoint=ckpt.path, accept_foreign_trace=accept_foreign_trace)
     choice = choose_experts(rc, stats, n, by, seed=seed, global_budget=global_budget, regroup=regroup)
     kept, final = choice["kept"], choice["keep"]
     groups_off = regroup and rc.family.spec.get("grouped_routing") is not None and int(rc.fields.get("n_group") or 1) > 1

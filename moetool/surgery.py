@@ -34,22 +34,21 @@ temporary directory, so nothing complete-looking is ever left behind.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+from moetool.checks import check_complete, pickled_files
 from moetool.errors import MoetoolError
+from moetool.outdir import atomic_output_dir, check_disk_space, check_output, fsync_dir, marker
 from moetool.safetensors_header import DTYPE_BYTES, HeaderEntry, checkpoint_files, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -117,10 +116,10 @@ class Checkpoint:
         self.raw_config = read_json(self.path / "config.json")
         files = checkpoint_files(self.path)
         if not files:
-            pickled = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+            pickled = pickled_files(self.path)
             if pickled:
-                raise MoetoolError(f"{model}: only pickled weights ({pickled[0]}); moetool reads safetensors "
-                                   "checkpoints only (it never unpickles weights)")
+                raise MoetoolError(f"{model}: only pickled weights ({pickled[0]}); checkpoint surgery reads and "
+                                   "writes safetensors only (it never unpickles weights): convert it first")
             raise MoetoolError(f"{model}: no safetensors files in this checkpoint")
         self.files = files
         self.entries: dict[str, HeaderEntry] = {}
@@ -138,6 +137,7 @@ class Checkpoint:
             entries.sort(key=lambda x: x.offset)
             self.file_entries[path] = entries
             self.file_metadata[path] = metadata
+        check_complete(model, self.rc, self.entries)  # before any plan: never write a model with holes
         self._fds: dict[Path, int] = {}
 
     @property
@@ -437,87 +437,8 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict | Non
     return size
 
 
-# -- atomic output directory ------------------------------------------------------------------------------------
-def check_output(out: str | Path, inputs: Iterable[Path], force: bool) -> Path:
-    """Refuse an OUT that exists (without FORCE), is a file, or overlaps an input."""
-    out = Path(out).expanduser()
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise MoetoolError(f"--out {out}: directory {parent} does not exist")
-    real = out.resolve()
-    for inp in inputs:
-        src = Path(inp).resolve()
-        if real == src or src in real.parents or real in src.parents:
-            raise MoetoolError(f"--out {out} overlaps the input checkpoint {inp}; write somewhere else")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise MoetoolError(f"--out {out} already exists (use --force to replace it)")
-        if not out.is_dir() or out.is_symlink():
-            raise MoetoolError(f"--out {out} exists and is not a directory; not replacing it")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool):
-    """Yield a temporary directory beside OUT; on success move it to OUT (replacing OUT with
-    FORCE), on any failure remove it. SIGTERM is turned into a clean failure meanwhile."""
-    out = Path(out)
-    parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    previous = None
-    in_main = _in_main_thread()
-    if in_main:
-        def on_term(signum, frame):
-            raise KeyboardInterrupt("terminated")
-
-        previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield tmp
-        if out.exists():
-            if not force:
-                raise MoetoolError(f"--out {out} appeared while writing (use --force to replace it)")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if in_main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def check_disk_space(where: Path, needed: int) -> None:
-    free = shutil.disk_usage(where).free
-    margin = 16 * 2**20
-    if free < needed + margin:
-        from moetool.render import human_bytes
-
-        raise MoetoolError(f"not enough disk space in {where}: the output needs {human_bytes(needed)}, "
-                           f"{human_bytes(free)} free")
+# -- atomic output directory: moetool.outdir (shared with distill) -----------------------------------------------
+_fsync_dir = fsync_dir
 
 
 # -- the surgery ---------------------------------------------------------------------------------------------------
@@ -768,7 +689,8 @@ def run_surgery(ckpt: Checkpoint, plan: SurgeryPlan, out: str | Path, force: boo
     weight_map: dict[str, str] = {}
     files_written = []
     input_total = sum(t.source_bytes for _, ts in shards for t in ts)
-    with atomic_output_dir(out, force) as tmp:
+    mark = marker(plan.method, source=str(ckpt.name), family=ckpt.family.name)
+    with atomic_output_dir(out, force, mark) as tmp:
         bar = _progress() if progress else None
         task = None
         if bar is not None:

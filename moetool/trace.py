@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -123,9 +124,12 @@ class Trace:
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise MoetoolError(f"{path}: directory {path.parent} does not exist")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        from moetool.outdir import file_mode, tmp_file_beside
+
+        tmp = tmp_file_beside(path)
         try:
             save_file(self.tensors(), str(tmp), metadata=self.metadata())
+            os.chmod(tmp, file_mode())  # safetensors creates 0600; an output follows the umask
             os.replace(tmp, path)
         finally:
             if tmp.exists():
@@ -240,15 +244,21 @@ def check_trace_matches(trace: Trace, rc) -> None:
         raise MoetoolError(f"the trace was recorded with top-{trace.top_k} routing, this model uses top-{rc.top_k}")
 
 
-def check_trace_matches_model(trace: Trace, model: str) -> None:
-    """``check_trace_matches`` against MODEL's config (preset, config.json, checkpoint dir)."""
+def check_trace_matches_model(trace: Trace, model: str, trace_path: str = "the trace") -> None:
+    """``check_trace_matches`` against MODEL's config (preset, config.json, checkpoint dir),
+    and for a checkpoint, that the trace was recorded on it (moetool.fingerprint)."""
     from moetool.params import resolve_family
     from moetool.source import resolve
 
+    source = resolve(model)
+    rc = resolve_family(source)
     try:
-        check_trace_matches(trace, resolve_family(resolve(model)))
+        check_trace_matches(trace, rc)
     except MoetoolError as exc:
         raise MoetoolError(f"{model}: {exc}") from None
+    from moetool.fingerprint import check_trace_of_model
+
+    check_trace_of_model(trace, trace_path, model, rc, source.path if source.kind == "checkpoint" else None)
 
 
 def _short(layers: list[int]) -> str:
@@ -571,8 +581,11 @@ def _decode(model, out, recorder, batch, lens, mask, device, steps, budget, eos_
             active[idx[:budget]] = True
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=next_tok.reshape(B, 1).to(device), attention_mask=attn.to(device),
-                    position_ids=last_pos.reshape(B, 1).to(device), past_key_values=past, use_cache=True, **extra)
+        with warnings.catch_warnings():  # transformers >= 5.2x: "`past_key_values` is deprecated ... use `cache`"
+            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+            out = model(input_ids=next_tok.reshape(B, 1).to(device), attention_mask=attn.to(device),
+                        position_ids=last_pos.reshape(B, 1).to(device), past_key_values=past, use_cache=True,
+                        **extra)
         rec = recorder.take(active.reshape(B, 1))
         rows = active.nonzero().reshape(-1)
         add_chunk(torch.tensor(batch)[rows].numpy().astype(np.int32), last_pos[rows].numpy().astype(np.int32),
@@ -632,6 +645,10 @@ def _trace_meta(loaded, texts, tokens: np.ndarray, options: dict, recomputed: bo
         "options": {**options, "max_tokens": max_tokens},
         "created_by": f"moetool {__version__}",
     }
+    if loaded.source.path is not None:  # which model this is (moetool.fingerprint); none for an in-memory model
+        from moetool.fingerprint import META_KEY, model_fingerprint
+
+        meta[META_KEY] = model_fingerprint(rc, loaded.source.path)
     if meta["texts"] != list(texts):
         meta["texts_clipped"] = True
     tok = loaded.tokenizer

@@ -165,15 +165,24 @@ def test_not_enough_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 def test_existing_out_needs_force(tmp_path):
+    """--force replaces a directory moetool wrote (it holds moetool.json), never someone else's."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     r = run_cli("prune", MIXTRAL, "--out", out, "--keep", "4", "--by", "random")
     assert_one_line_error(r, "already exists")
     assert (out / "old.txt").exists()
+    r = run_cli("prune", MIXTRAL, "--out", out, "--keep", "4", "--by", "random", "--force")
+    assert_one_line_error(r, "not written by moetool")
+    assert (out / "old.txt").read_text() == "old"
+    (out / "old.txt").unlink()  # an empty directory may be replaced
     r = run_cli("prune", MIXTRAL, "--out", out, "--keep", "4", "--by", "random", "--force", "--json")
     assert r.returncode == 0, r.stderr
-    assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").exists()
+    marker = json.loads((out / "moetool.json").read_text())
+    assert marker["command"] == "prune" and marker["written_by"].startswith("moetool ")
+    r = run_cli("prune", MIXTRAL, "--out", out, "--keep", "2", "--by", "random", "--force", "--json")
+    assert r.returncode == 0, r.stderr  # moetool's own output: replaced
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
     assert _leftovers(tmp_path, "out") == []
 
 

@@ -8,7 +8,7 @@
         loaded = load_model(model, **load_options)
 
 The decorator adds --dtype, --device-map, --max-memory, --offload-folder, --load-in-4bit,
---load-in-8bit and --trust-remote-code, and hands them to the command as one dict,
+--load-in-8bit, --trust-remote-code and --allow-pickle, and hands them to the command as one dict,
 ``load_options``, whose keys are ``load_model``'s keyword arguments.
 """
 
@@ -21,7 +21,7 @@ import click
 from moetool.loading import DTYPES
 
 OPTION_NAMES = ("dtype", "device_map", "max_memory", "offload_folder", "load_in_4bit", "load_in_8bit",
-                "trust_remote_code")
+                "trust_remote_code", "allow_pickle")
 
 _OPTIONS = [
     click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
@@ -39,6 +39,9 @@ _OPTIONS = [
                  help="Quantize to 8 bits on load (bitsandbytes LLM.int8 linear layers, int8 fused experts)."),
     click.option("--trust-remote-code", "trust_remote_code", is_flag=True,
                  help="Allow the checkpoint's own Python code to run (off by default)."),
+    click.option("--allow-pickle", "allow_pickle", is_flag=True,
+                 help="Read pickled weights (.bin/.pt) when there are no safetensors, with torch's weights_only "
+                      "loader (off by default: moetool never unpickles unless asked)."),
 ]
 
 
@@ -64,11 +67,14 @@ _CALIBRATION_OPTIONS = [
     click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Calibrate on at most this many tokens."),
     click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                  help="Texts per forward pass."),
+    click.option("--accept-foreign-trace", "accept_foreign_trace", is_flag=True,
+                 help="Use a --trace recorded on another model (its router weights or routing config differ); "
+                      "refused by default."),
 ]
 
 
 def calibration_options(func):
-    """Add --trace, --file, --max-tokens and --batch-size (where routing statistics come from),
+    """Add --trace, --file, --max-tokens, --batch-size and --accept-foreign-trace (where routing statistics come from),
     shared by the commands that choose or combine experts."""
     for option in reversed(_CALIBRATION_OPTIONS):
         func = option(func)

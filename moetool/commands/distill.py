@@ -18,6 +18,8 @@ from moetool.commands._loading_options import loading_options
               help="How the student's MLPs start: usage-weighted expert average, most-used experts, or random.")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="Routing usage from a `moetool trace` file instead of calibration on --file.")
+@click.option("--accept-foreign-trace", "accept_foreign_trace", is_flag=True,
+              help="Use a --trace recorded on another model (router weights or routing config differ); refused by default.")
 @click.option("--calib-tokens", type=int, default=16384, show_default=True,
               help="Tokens of --file the teacher routes to measure expert usage for --init.")
 @click.option("--steps", type=int, default=100, show_default=True,

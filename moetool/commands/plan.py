@@ -22,6 +22,9 @@ import click
 @click.option("--trace", "trace", default=None, type=click.Path(dir_okay=False),
               help="Routing trace (`moetool trace ... --out`): hottest experts get the GPU; needed for --ep "
                    "and --capacity-factor.")
+@click.option("--accept-foreign-trace", "accept_foreign_trace", is_flag=True,
+              help="Use a --trace recorded on another checkpoint (router weights or routing config differ); refused "
+                   "by default.")
 @click.option("--holdout", default=0.2, show_default=True, type=float,
               help="Share of the trace held out to judge placements (by sequence, else by token order; 0 = in-sample).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the held-out split.")
@@ -41,7 +44,7 @@ import click
 @click.option("--plot", default=None, metavar="FILE.png|PREFIX",
               help="PNG figures: per-device load before/after balancing (with --ep) or the expert placement.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
-def command(model, gpu_memory, gpus, cpu_memory, reserve, context, batch, precision, trace, holdout, seed,
+def command(model, gpu_memory, gpus, cpu_memory, reserve, context, batch, precision, trace, accept_foreign_trace, holdout, seed,
             device_map_out, ep, nodes, redundant, dispatch_dtype, ep_map_out, capacity_factors, plot, as_json) -> None:
     """Plan serving MODEL: what fits on the GPUs, CPU RAM and disk at bf16 / fp8 / 4-bit, and
     with a routing trace, expert parallelism and capacity factors from measured routing.
@@ -66,7 +69,7 @@ def command(model, gpu_memory, gpus, cpu_memory, reserve, context, batch, precis
     result = plan(model, gpu_memory=gpu_memory, gpus=gpus, cpu_memory=cpu_memory, reserve=reserve, context=context,
                   batch=batch, precision=precision, trace=trace, holdout=holdout, seed=seed, ep=ep, nodes=nodes,
                   redundant=redundant, dispatch_dtype=dispatch_dtype, capacity_factors=capacity_factors,
-                  device_map_out=device_map_out, ep_map_out=ep_map_out)
+                  device_map_out=device_map_out, ep_map_out=ep_map_out, accept_foreign_trace=accept_foreign_trace)
     if plot:
         from moetool.render.plan import plot_plan
 

@@ -24,8 +24,8 @@ from moetool.commands._loading_options import calibration_options, loading_optio
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 @loading_options
-def command(model, out, keep, ratio, global_budget, by, seed, trace, file, max_tokens, batch_size, regroup, force,
-            as_json, load_options) -> None:
+def command(model, out, keep, ratio, global_budget, by, seed, trace, file, max_tokens, batch_size, accept_foreign_trace,
+            regroup, force, as_json, load_options) -> None:
     """Prune MODEL's routed experts to --keep N per layer (or remove --ratio R of them),
     chosen from routing statistics, and write a checkpoint that loads in transformers.
 
@@ -37,7 +37,8 @@ def command(model, out, keep, ratio, global_budget, by, seed, trace, file, max_t
     result = prune_checkpoint(model, out, keep=keep, ratio=ratio, by=by, trace=trace, file=file,
                               max_tokens=max_tokens, batch_size=batch_size, seed=seed,
                               global_budget=global_budget, regroup=regroup, force=force,
-                              load_options=load_options, progress=not as_json)
+                              load_options=load_options, progress=not as_json,
+                              accept_foreign_trace=accept_foreign_trace)
     if as_json:
         from moetool.render import print_json
 

@@ -37,7 +37,7 @@ def show_command(file: str, as_json: bool, plot: str | None, check_model: str | 
 
     trace = Trace.load(file)
     if check_model:
-        check_trace_matches_model(trace, check_model)
+        check_trace_matches_model(trace, check_model, file)
     _emit(summarize(trace), as_json, plot)
 
 
@@ -78,6 +78,11 @@ def command(model, prompts, file, max_tokens, batch_size, generate, logits, no_s
 
     if plot and not plot.lower().endswith(".png"):
         raise MoetoolError(f"--plot {plot}: write a .png file")
+    from moetool.outdir import check_output_file
+
+    for flag, path in (("--out", out), ("--plot", plot)):  # writable, before the model is loaded
+        if path:
+            check_output_file(path, flag)
     texts = read_texts(prompts, file)
     trace, _loaded = trace_model(model, texts, max_tokens=max_tokens, batch_size=batch_size, logits=logits,
                                  generate=generate, add_special_tokens=not no_special_tokens,

@@ -123,7 +123,9 @@ class Family:
         return self.spec["runtime"]["layouts"]
 
     def resolve(self, config: dict) -> ResolvedConfig:
-        return ResolvedConfig(self, config)
+        from moetool.families.validate import resolve_validated  # every field moetool uses, checked
+
+        return resolve_validated(self, config)
 
     # -- tensor enumeration -------------------------------------------------------------
     def _expand(self, group: str, rc: ResolvedConfig, layer: int | None, expert: int | None, mtp: bool):
