@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 import tempfile
@@ -307,6 +308,10 @@ def load_model(
             check_loading_info(model, info)
     except MoetoolError:
         raise
+    except pickle.UnpicklingError as exc:  # --allow-pickle: torch's weights_only loader refused an object
+        refused = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
+        raise MoetoolError(f"{model}: cannot load: the pickle holds more than tensors, which moetool never unpickles"
+                           + (f" ({refused[0]})" if refused else "")) from None
     except (ValueError, RuntimeError, OSError, KeyError, TypeError, ImportError, AttributeError) as exc:
         raise MoetoolError(f"{model}: cannot load ({_first_line(exc)})") from None
     finally:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -566,7 +565,9 @@ def _decode(model, out, recorder, batch, lens, mask, device, steps, budget, eos_
     import torch
 
     B = len(batch)
-    past = out.past_key_values
+    # transformers >= 5.24 renamed past_key_values to cache (the old name warns): follow the signature
+    cache_kw = "cache" if "cache" in _forward_kwargs(model) else "past_key_values"
+    past = _cache_of(out)
     next_tok = out.logits[:, -1, :].argmax(-1).cpu()
     finished = torch.zeros(B, dtype=torch.bool)
     last_pos = (lens - 1).clone()
@@ -581,11 +582,8 @@ def _decode(model, out, recorder, batch, lens, mask, device, steps, budget, eos_
             active[idx[:budget]] = True
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype)], dim=1)
         last_pos = last_pos + 1
-        with warnings.catch_warnings():  # transformers >= 5.2x: "`past_key_values` is deprecated ... use `cache`"
-            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-            out = model(input_ids=next_tok.reshape(B, 1).to(device), attention_mask=attn.to(device),
-                        position_ids=last_pos.reshape(B, 1).to(device), past_key_values=past, use_cache=True,
-                        **extra)
+        out = model(input_ids=next_tok.reshape(B, 1).to(device), attention_mask=attn.to(device),
+                    position_ids=last_pos.reshape(B, 1).to(device), use_cache=True, **{cache_kw: past}, **extra)
         rec = recorder.take(active.reshape(B, 1))
         rows = active.nonzero().reshape(-1)
         add_chunk(torch.tensor(batch)[rows].numpy().astype(np.int32), last_pos[rows].numpy().astype(np.int32),
@@ -593,9 +591,18 @@ def _decode(model, out, recorder, batch, lens, mask, device, steps, budget, eos_
         budget -= int(rows.numel())
         if eos_ids:
             finished |= torch.isin(next_tok, torch.tensor(sorted(eos_ids)))
-        past = out.past_key_values
+        past = _cache_of(out)
         next_tok = out.logits[:, -1, :].argmax(-1).cpu()
     return budget
+
+
+def _cache_of(out):
+    """The KV cache a forward returned, under its new name (``cache``) or its old one."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    for key in ("cache", "past_key_values"):
+        if key in keys:
+            return out[key]
+    return getattr(out, "past_key_values", None)
 
 
 def _pad_id(loaded) -> int:
