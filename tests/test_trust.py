@@ -136,6 +136,21 @@ def test_pickles_only_when_asked_and_then_weights_only(tmp_path):
         assert (asked.experts[L] == safe.experts[L]).all()
 
 
+def test_a_cached_hub_id_gets_the_same_checks(tmp_path):
+    """A Hub id in the local cache resolves to its snapshot: pickles and holes are refused there too."""
+    hub = tmp_path / "hub"
+    holey = _copy(MIXTRAL, tmp_path / "holey")
+    _drop_last_shard(holey)
+    for repo_id, snapshot in (("acme/pickled", _pickled_copy(tmp_path, state={})), ("acme/holey", holey)):
+        repo = hub / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(snapshot, repo / "snapshots" / "abc123")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("abc123")
+    env = dict(os.environ, HF_HUB_CACHE=str(hub))
+    assert_one_line_error(run_cli("trace", "acme/pickled", "--prompt", "hi", env=env), "--allow-pickle")
+    assert_one_line_error(run_cli("eval", "acme/holey", "--file", TEXT, env=env), "incomplete checkpoint")
+
+
 class _Evil:
     def __init__(self, marker: str):
         self.marker = marker
