@@ -42,34 +42,39 @@ class _Timed:
         self.seconds = 0.0
 
     def __enter__(self):
-        from moetool import trace as tr
+        from moetool.observers import RoutingRecorder as R
 
-        self._hook, self._take = tr._Recorder._hook, tr._Recorder.take
+        self._saved = (R._experts_hook, R._router_hook, R.take)
         timed = self
 
-        def hook(rec, L):
-            inner = timed._hook(rec, L)
+        def timed_hook(make):
+            def factory(rec, *args, **kwargs):
+                inner = make(rec, *args, **kwargs)
 
-            def wrapped(module, args, output):
-                t0 = time.perf_counter()
-                inner(module, args, output)
-                timed.seconds += time.perf_counter() - t0
+                def wrapped(*hook_args):
+                    t0 = time.perf_counter()
+                    out = inner(*hook_args)
+                    timed.seconds += time.perf_counter() - t0
+                    return out
 
-            return wrapped
+                return wrapped
 
-        def take(rec, mask):
+            return factory
+
+        def take(rec, *args, **kwargs):
             t0 = time.perf_counter()
-            out = timed._take(rec, mask)
+            out = timed._saved[2](rec, *args, **kwargs)
             timed.seconds += time.perf_counter() - t0
             return out
 
-        tr._Recorder._hook, tr._Recorder.take = hook, take
+        R._experts_hook, R._router_hook = timed_hook(self._saved[0]), timed_hook(self._saved[1])
+        R.take = take
         return self
 
     def __exit__(self, *exc):
-        from moetool import trace as tr
+        from moetool.observers import RoutingRecorder as R
 
-        tr._Recorder._hook, tr._Recorder.take = self._hook, self._take
+        R._experts_hook, R._router_hook, R.take = self._saved
 
 
 def run(repeats: int = 9) -> list[dict]:

@@ -165,6 +165,8 @@ def check_options(model: str, opts: DistillOptions):
     if opts.resume and _latest_checkpoint(_checkpoint_dir(opts)) is None:
         raise MoetoolError(f"--resume: no checkpoint in {_checkpoint_dir(opts)}")
     lo = opts.load_options or {}
+    if lo.get("stream"):
+        raise MoetoolError("distill needs the teacher's weights in memory to build the student; it cannot --stream")
     if lo.get("load_in_4bit") or lo.get("load_in_8bit"):
         raise MoetoolError("the student starts from the teacher's own weights: load the teacher unquantized "
                            "(no --load-in-4bit/--load-in-8bit) to distill")
@@ -345,18 +347,17 @@ def build_teacher_cache(teacher, blocks, used: list[int], opts: DistillOptions, 
     if path.is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
+    from moetool.executor import Executor
+    from moetool.observers import TeacherTopK
+    from moetool.progress import NULL
+
     n, S = sub.shape
-    vals, idxs, rests = [], [], []
     task = progress.add_task("caching teacher top-K", total=n, info="") if progress else None
-    bs = max(1, opts.batch_size)
-    for i in range(0, n, bs):
-        logits = _teacher_forward(teacher, sub[i:i + bs], device).logits
-        v, ix, r = topk_of(logits, opts.cache_topk, opts.temperature)
-        vals.append(v.cpu())
-        idxs.append(ix.cpu())
-        rests.append(r.cpu())
-        if progress:
-            progress.update(task, advance=min(bs, n - i))
+    topk = TeacherTopK(opts.cache_topk, opts.temperature,
+                       on_batch=(lambda k: progress.update(task, advance=k)) if progress else None)
+    Executor(teacher, batch_size=max(1, opts.batch_size), order="input", full_mask=False, device=device,
+             progress=NULL).run(sub.tolist(), [topk])
+    vals, idxs, rests = (list(x) for x in zip(*topk.out))
     meta = {"format": CACHE_FORMAT, "version": "1", "k": str(opts.cache_topk), "temperature": repr(opts.temperature),
             "seq_len": str(S), "blocks": json.dumps(list(map(int, used))), "key": key, "teacher": identity["teacher"],
             "tail": "lumped: rest = log of the teacher's probability mass outside the top-k"}
@@ -401,53 +402,78 @@ def eval_topk(vocab: int, tokens: int) -> int | None:
 def _eval_reference(teacher, blocks, device, batch: int, k: int | None):
     """Per eval batch, computed once: the teacher's log-probabilities at every predicting
     position (all of them, or top-K + rest), per-block NLL, and argmax."""
-    ref = []
-    for i in range(0, blocks.shape[0], batch):
-        ids = blocks[i:i + batch]
-        logits = _teacher_forward(teacher, ids, device).logits[:, :-1].float()
-        lp = logits.log_softmax(-1)
-        nll = -lp.gather(-1, ids[:, 1:].to(lp.device).unsqueeze(-1)).squeeze(-1)
-        top1 = lp.argmax(-1)
-        if k is None:
-            ref.append((lp.cpu(), None, None, nll.sum(-1).double().cpu(), top1.cpu()))
+    from moetool.executor import Executor
+    from moetool.observers import TeacherTopK
+    from moetool.progress import NULL
+
+    ref = TeacherTopK(k, reference=True)
+    Executor(teacher, batch_size=batch, order="input", full_mask=False, device=device, progress=NULL).run(
+        blocks.tolist(), [ref])
+    return ref.out
+
+
+class _StudentEval:
+    """Held-out sums of the student against the teacher reference, per eval batch (an observer
+    for moetool.executor): kl, predicted positions, nll, agreement, teacher nll."""
+
+    needs_logits = True
+
+    def __init__(self, ref, valid, device):
+        import torch
+
+        self.ref, self.valid, self.device = ref, valid, device
+        self.sums = torch.zeros(5, dtype=torch.float64)
+
+    def attach(self, executor, hooks):
+        pass
+
+    def layer_end(self, layer):
+        return None
+
+    def batch_end(self, batch, layer, logits):
+        import torch
+
+        from moetool.observers import next_token_logprobs
+
+        if logits is None:
+            return
+        j = batch.index
+        ids = batch.input_ids.to(logits.device)
+        S = ids.shape[1]
+        rows = torch.as_tensor(batch.rows)
+        w = self.valid[rows].double()
+        v, ix, r, t_nll, t_top1 = self.ref[j]
+        lq = next_token_logprobs(logits)
+        if ix is None:
+            lp = v.to(lq.device)
+            kl = (lp.exp() * (lp - lq)).sum(-1)
         else:
-            v, ix, r = topk_of(logits, k, 1.0)
-            ref.append((v.cpu(), ix.cpu(), r.cpu(), nll.sum(-1).double().cpu(), top1.cpu()))
-        del logits, lp
-    return ref
+            kl = kl_topk(v.to(lq.device), ix.to(lq.device), r.to(lq.device), logits[:, :-1].float(), 1.0)
+        kl = kl.sum(-1).double().cpu()
+        nll = -lq.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1).double().cpu()
+        agree = (lq.argmax(-1) == t_top1.to(lq.device)).sum(-1).double().cpu()
+        n = float(w.sum()) * (S - 1)
+        self.sums += torch.stack([(kl * w).sum(), torch.tensor(n, dtype=torch.float64), (nll * w).sum(),
+                                  (agree * w).sum(), (t_nll * w).sum()])
 
 
 def _evaluate(student, blocks, valid, ref, device, batch: int, accelerator) -> dict:
     """Held-out metrics of STUDENT against the teacher reference, over the positions that
     predict a token of the block (as `moetool eval` counts). Every process evaluates the same
     number of blocks (FSDP needs every rank in every forward); VALID masks the padding."""
-    import torch
+    from moetool.executor import Executor
+    from moetool.progress import NULL
 
-    sums = torch.zeros(5, dtype=torch.float64)  # kl, predicted positions, nll, agree, teacher nll
     was_training = student.training
     student.eval()
-    S = blocks.shape[1]
-    with torch.no_grad():
-        for j, i in enumerate(range(0, blocks.shape[0], batch)):
-            ids = blocks[i:i + batch].to(device)
-            w = valid[i:i + batch].double()
-            v, ix, r, t_nll, t_top1 = ref[j]
-            logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            lq = logits.log_softmax(-1)
-            if ix is None:
-                lp = v.to(device)
-                kl = (lp.exp() * (lp - lq)).sum(-1)
-            else:
-                kl = kl_topk(v.to(device), ix.to(device), r.to(device), logits, 1.0)
-            kl = kl.sum(-1).double().cpu()
-            nll = -lq.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1).double().cpu()
-            agree = (lq.argmax(-1) == t_top1.to(device)).sum(-1).double().cpu()
-            n = float(w.sum()) * (S - 1)
-            sums += torch.stack([(kl * w).sum(), torch.tensor(n, dtype=torch.float64), (nll * w).sum(),
-                                 (agree * w).sum(), (t_nll * w).sum()])
-    if was_training:
-        student.train()
-    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    obs = _StudentEval(ref, valid, device)
+    try:
+        Executor(student, batch_size=batch, order="input", full_mask=False, device=device, progress=NULL).run(
+            blocks.tolist(), [obs])
+    finally:
+        if was_training:
+            student.train()
+    sums = accelerator.reduce(obs.sums.to(accelerator.device), reduction="sum").cpu()
     kl, n, nll, agree, t_nll = sums.tolist()
     return {"kl": kl / n, "ppl": math.exp(nll / n), "top1": agree / n, "teacher_ppl": math.exp(t_nll / n),
             "tokens": int(n)}

@@ -168,9 +168,9 @@ def _shared_gate_module(loaded, block):
 def calibrate(loaded, sequences: list[list[int]], batch_size: int = 8, trace=None) -> dict[int, LayerUsage]:
     """Routing usage of LOADED on token SEQUENCES (moetool's tracer), or from TRACE if given.
     The mean of a sigmoid shared-expert gate (Qwen2-MoE) is always measured on SEQUENCES."""
-    import torch
-
+    from moetool.executor import Executor
     from moetool.loading import moe_blocks
+    from moetool.observers import SharedGateMeans
     from moetool.trace import record_token_ids
 
     gates = {}
@@ -178,42 +178,17 @@ def calibrate(loaded, sequences: list[list[int]], batch_size: int = 8, trace=Non
         g = _shared_gate_module(loaded, block)
         if g is not None:
             gates[L] = g
-    sums: dict[int, list] = {L: [0.0, 0] for L in gates}
-    handles = []
-
-    def hook_for(L):
-        def hook(module, args, output):
-            s = torch.sigmoid(output.detach().float())
-            sums[L][0] += float(s.sum())
-            sums[L][1] += int(s.numel())
-        return hook
-
+    gate_obs = SharedGateMeans(gates)
     if trace is None:
-        for L, g in gates.items():
-            handles.append(g.register_forward_hook(hook_for(L)))
-        try:
-            recorded = record_token_ids(loaded, sequences, batch_size=batch_size)
-        finally:
-            for h in handles:
-                h.remove()
+        recorded = record_token_ids(loaded, sequences, batch_size=batch_size, observers=[gate_obs] if gates else ())
         usage = usage_from_trace(recorded, loaded.rc)
     else:
         usage = usage_from_trace(trace, loaded.rc)
-        if gates:
-            for L, g in gates.items():
-                handles.append(g.register_forward_hook(hook_for(L)))
-            try:
-                with torch.inference_mode():
-                    dev = loaded.input_device
-                    for i in range(0, len(sequences), batch_size):
-                        batch = torch.tensor(sequences[i:i + batch_size], dtype=torch.long, device=dev)
-                        loaded.model(input_ids=batch)
-            finally:
-                for h in handles:
-                    h.remove()
-    for L, (total, n) in sums.items():
-        if n:
-            usage[L].shared_gate = total / n
+        if gates:  # the blocks are whole --seq-len windows: no padding, so no attention mask (as training)
+            Executor(loaded, batch_size=batch_size, order="input", full_mask=False,
+                     description="measuring shared-expert gates").run(sequences, [gate_obs])
+    for L, mean in gate_obs.means().items():
+        usage[L].shared_gate = mean
     return usage
 
 

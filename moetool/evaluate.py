@@ -70,67 +70,28 @@ def windows(ids: list[int], seq_len: int) -> list[list[int]]:
     return [w for w in out if len(w) >= 2]
 
 
-def _batches(wins: list[list[int]], batch_size: int, pad_id: int):
-    import torch
-
-    for start in range(0, len(wins), batch_size):
-        chunk = wins[start:start + batch_size]
-        S = max(len(w) for w in chunk)
-        ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), S), dtype=torch.long)
-        for r, w in enumerate(chunk):
-            ids[r, :len(w)] = torch.tensor(w)
-            mask[r, :len(w)] = 1
-        yield start, chunk, ids, mask
-
-
 def _model_info(loaded) -> dict:
     rc = loaded.rc
     return {"family": loaded.family.name, "num_experts": int(rc.num_experts), "top_k": int(rc.top_k),
             "params": int(sum(p.numel() for p in loaded.model.parameters())), "dtype": loaded.dtype}
 
 
-def _run_model(loaded, wins, batch_size: int, ref_store, is_ref: bool, on_batch=None) -> dict:
+def _run_model(loaded, wins, batch_size: int, ref_store, is_ref: bool, on_batch=None, progress=None) -> dict:
     """NLL of every predicted token; with a reference store, KL and top-1 agreement against
-    it; with IS_REF, fill the store."""
-    import torch
+    it; with IS_REF, fill the store. The windows run in order through the executor (padding
+    id 0, never counted)."""
+    from moetool.executor import Executor
+    from moetool.observers import NextTokenMetrics
 
-    device = loaded.input_device
-    model = loaded.model
-    nll_sum, count, kl_sum, agree = 0.0, 0, 0.0, 0
-    offsets = np.cumsum([0] + [len(w) - 1 for w in wins])
-    with torch.inference_mode():
-        for start, chunk, ids, mask in _batches(wins, batch_size, 0):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-            if ref_store is not None and logp.shape[-1] != ref_store.shape[1]:
-                raise MoetoolError(f"{loaded.name}: its vocabulary has {logp.shape[-1]} entries, the reference's "
-                                   f"{ref_store.shape[1]}: next-token distributions cannot be compared")
-            for r, w in enumerate(chunk):
-                n = len(w) - 1
-                lp = logp[r, :n]
-                target = torch.tensor(w[1:])
-                nll_sum += float(-lp.gather(1, target[:, None]).sum())
-                count += n
-                a, b = offsets[start + r], offsets[start + r] + n
-                if is_ref and ref_store is not None:
-                    ref_store[a:b] = lp.numpy()
-                elif ref_store is not None:
-                    ref = torch.from_numpy(np.asarray(ref_store[a:b]))
-                    p = ref.exp()
-                    kl = (p * (ref - lp)).sum(dim=-1)
-                    kl_sum += float(kl.double().sum())
-                    agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
-            if on_batch:
-                on_batch(len(chunk))
-    out = {"nll": nll_sum / count, "perplexity": math.exp(nll_sum / count), "tokens": count}
-    if ref_store is not None and not is_ref:
-        out["kl"] = kl_sum / count
-        out["top1_agreement"] = agree / count
-    elif is_ref:
-        out["kl"] = 0.0
-        out["top1_agreement"] = 1.0
-    return out
+    metrics = NextTokenMetrics([len(w) for w in wins], ref_store=ref_store, fill=is_ref, on_batch=on_batch)
+    try:
+        Executor(loaded, batch_size=batch_size, order="input", pad_id=0, progress=progress,
+                 description=f"eval {Path(loaded.name).name}").run(wins, [metrics])
+    except MoetoolError as exc:
+        if "vocabulary" in str(exc):
+            raise MoetoolError(f"{loaded.name}: {exc}") from None
+        raise
+    return metrics.result()
 
 
 def evaluate_models(models: list[str], file: str, ref: str | None = None, max_tokens: int | None = None,
@@ -178,13 +139,16 @@ def evaluate_models(models: list[str], file: str, ref: str | None = None, max_to
     results: dict[str, dict] = {}
     tmpdir = tempfile.TemporaryDirectory(prefix="moetool-eval-")
     ref_store = None
-    bar, task = _progress(progress, len(order) * len(wins))
+    from moetool.progress import open_progress
+
+    show = None if progress else False  # True: when stderr is a terminal (or --progress)
+    bar = open_progress(show)
     try:
         for m in order:
             t0 = time.perf_counter()
-            if bar is not None:
-                bar.update(task, description=f"eval {Path(m).name}")
+            loading = bar.task(f"loading {Path(m).name}", None, unit="")
             loaded = load_model(m, **load_options)
+            loading.close()
             is_ref = ref is not None and m == ref
             if is_ref:
                 vocab = int(loaded.model.get_output_embeddings().weight.shape[0]) if loaded.model.get_output_embeddings() is not None else int(loaded.model.config.vocab_size)
@@ -195,16 +159,14 @@ def evaluate_models(models: list[str], file: str, ref: str | None = None, max_to
                 ref_store = np.lib.format.open_memmap(os.path.join(tmpdir.name, "ref.npy"), mode="w+",
                                                       dtype=np.float32, shape=(predicted, vocab))
             row = {"model": m, **_model_info(loaded)}
-            row.update(_run_model(loaded, wins, batch_size, ref_store, is_ref,
-                                  on_batch=(lambda n: bar.advance(task, n)) if bar is not None else None))
+            row.update(_run_model(loaded, wins, batch_size, ref_store, is_ref, progress=bar))
             row["is_ref"] = is_ref
             row["seconds"] = round(time.perf_counter() - t0, 3)
             results[m] = row
             del loaded
             gc.collect()
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
         del ref_store
         tmpdir.cleanup()
     rows = [results[m] for m in order]
@@ -214,18 +176,3 @@ def evaluate_models(models: list[str], file: str, ref: str | None = None, max_to
             r["perplexity_ratio"] = r["perplexity"] / base
     return {"file": str(file), "tokens": predicted, "text_tokens": len(ids), "seq_len": seq_len,
             "windows": len(wins), "ref": ref, "tokenizer": tok_model, "models": rows}
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None, None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    con = Console(stderr=True)
-    if not con.is_terminal:
-        return None, None
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=con, transient=True)
-    bar.start()
-    return bar, bar.add_task("eval", total=total)

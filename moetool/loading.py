@@ -57,6 +57,8 @@ class LoadedModel:
     device_map: dict = field(default_factory=dict)  # module -> device actually used
     offload_folder: str | None = None
     quant_report: dict | None = None  # what the 4-bit helper returned, if it ran
+    layer_reader: Any = None  # moetool.streaming.LayerReader when the model is streamed layer by layer
+    run_options: dict = field(default_factory=dict)  # executor defaults: run_dir, resume, activation budget
 
     @property
     def name(self) -> str:
@@ -74,8 +76,10 @@ class LoadedModel:
             "expert_weight_bytes": int(self.expert_weight_bytes),
             "device_map": {str(k): str(v) for k, v in self.device_map.items()},
             "devices": devices,
-            "offloaded": any(str(v) in ("disk", "meta") for v in self.device_map.values())
-            or (len(devices) > 1 and "cpu" in devices),
+            "offloaded": self.layer_reader is None and (
+                any(str(v) in ("disk", "meta") for v in self.device_map.values())
+                or (len(devices) > 1 and "cpu" in devices)),
+            "streamed": self.layer_reader is not None,
         }
 
     @property
@@ -234,13 +238,21 @@ def load_model(
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    stream: bool | None = False,
+    run_dir: str | None = None,
+    resume: bool = False,
 ) -> LoadedModel:
     """Load MODEL (checkpoint directory or cached Hub id) with its tokenizer, offline.
 
     Before anything heavy, ``moetool.checks.check_weights`` reads the safetensors headers: an
     incomplete or damaged checkpoint is a one-line error, and pickled weights are refused
     unless ALLOW_PICKLE (then read with torch's ``weights_only``). A load that transformers
-    reports with missing, unexpected or mismatched keys is an error, never a random init."""
+    reports with missing, unexpected or mismatched keys is an error, never a random init.
+
+    STREAM: True = keep only the skeleton and read each decoder layer's weights when the
+    executor runs it (moetool.streaming); None = do so when the weights do not fit in the
+    memory available (and no --max-memory / --device-map was given: those mean accelerate's
+    placement). RUN_DIR / RESUME: where a layer-by-layer run checkpoints, and continuing it."""
     from moetool.params import resolve_family
     from moetool.source import resolve
 
@@ -260,8 +272,23 @@ def load_model(
     if (load_in_4bit or load_in_8bit) and not _has_module("bitsandbytes"):
         raise MoetoolError("4-bit/8-bit loading needs bitsandbytes, which is not installed (pip install bitsandbytes)")
 
+    if resume and not run_dir:
+        raise MoetoolError("--resume needs --run-dir DIR (where the interrupted run kept its checkpoints)")
     torch_dtype = _torch_dtype(dtype)
     budget = parse_max_memory(max_memory)
+    if stream is None:
+        stream = budget is None and device_map is None and not (load_in_4bit or load_in_8bit) \
+            and _weights_exceed_memory(source)
+    run = {"run_dir": run_dir, "resume": bool(resume)}
+    if budget is not None:
+        run["activation_budget"] = int(sum(v for k, v in budget.items() if k != "disk"))
+    if stream:
+        if load_in_4bit or load_in_8bit:
+            raise MoetoolError("--stream reads plain weights layer by layer; it cannot be combined with "
+                               "--load-in-4bit/--load-in-8bit yet")
+        if isinstance(parse_device_map(device_map), dict):
+            raise MoetoolError("--stream places each layer itself; give no explicit --device-map")
+        return _load_streamed(model, source, rc, torch_dtype, device_map, trust_remote_code, run)
     dmap = parse_device_map(device_map)
     if budget is not None:
         _check_devices_exist([k for k in budget if k != "disk"], "--max-memory")
@@ -329,6 +356,7 @@ def load_model(
         quantization=quantization, offload_folder=offload_folder, quant_report=quant_report,
     )
     _fill_load_info(loaded)
+    loaded.run_options = run
     moe_blocks(loaded)  # fail now, with a clear message, if the layout is not found
     return loaded
 
@@ -349,6 +377,67 @@ def check_loading_info(model: str, info: dict) -> None:
     errors = [str(e) for e in (info.get("error_msgs") or ())]
     if errors:
         raise MoetoolError(f"{model}: cannot load: {errors[0].strip().splitlines()[0]}")
+
+
+def _weights_exceed_memory(source) -> bool:
+    """Whether the checkpoint's weights need more than the memory this machine has free
+    (MemAvailable, plus free GPU memory), with a quarter kept for activations and the rest."""
+    from moetool.safetensors_header import checkpoint_files
+
+    try:
+        weights = sum(p.stat().st_size for p in checkpoint_files(source.path))
+    except (MoetoolError, OSError):
+        return False
+    free = _available_memory()
+    return free is not None and weights > 0.75 * free
+
+
+def _available_memory() -> int | None:
+    free = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free = (free or 0) + sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    except Exception:  # no usable CUDA: the host memory alone
+        pass
+    return free
+
+
+def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote_code: bool, run: dict) -> LoadedModel:
+    """The skeleton of MODEL with a LayerReader (moetool.streaming), and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from moetool.streaming import load_streamed
+
+    restore = _quiet_transformers()
+    try:
+        hf_model, reader = load_streamed(source, rc, torch_dtype, device_map=parse_device_map(device_map),
+                                         trust_remote_code=trust_remote_code)
+    except MoetoolError:
+        raise
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError, ImportError, AttributeError) as exc:
+        raise MoetoolError(f"{model}: cannot load ({_first_line(exc)})") from None
+    finally:
+        restore()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError):
+        tokenizer = None
+    loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, source=source, rc=rc, family=rc.family,
+                         layer_reader=reader, run_options=run)
+    _fill_load_info(loaded)
+    loaded.device_map = {reader.prefix: "stream", "": str(reader.device)}
+    moe_blocks(loaded)
+    return loaded
 
 
 def _complete_device_map(path: str, mapping: dict, trust_remote_code: bool) -> dict:

@@ -111,122 +111,11 @@ def load_trace_for(path: str, rc, model: str | None = None, checkpoint=None, acc
     return trace
 
 
-class _ExpertProbe:
-    """Hooks that run every expert on the tokens of a calibration forward pass:
+def _ExpertProbe(loaded, reap: bool, outputs: bool, sample_tokens: int = OUTPUT_SAMPLE_TOKENS):
+    """The expert probe observer (moetool.observers.ExpertProbe): REAP sums and expert output samples."""
+    from moetool.observers import ExpertProbe
 
-    - REAP: for each expert e, the tokens routed to it, f_e(x) by calling the layer's experts
-      module with all of those tokens sent to e alone with weight 1; accumulates
-      sum(w * ||f_e(x)||) and the count;
-    - outputs: every expert on the first OUTPUT_SAMPLE_TOKENS non-padding tokens of the layer.
-
-    A forward pre-hook on the model keeps the attention mask, so padding never counts.
-    """
-
-    def __init__(self, loaded, reap: bool, outputs: bool, sample_tokens: int = OUTPUT_SAMPLE_TOKENS):
-        from moetool.loading import moe_blocks
-
-        self.blocks = moe_blocks(loaded)
-        self.model = loaded.model
-        self.E = int(loaded.rc.num_experts)
-        self.want_reap, self.want_outputs = reap, outputs
-        self.sample_tokens = sample_tokens
-        self.reap_sum = {L: np.zeros(self.E) for L, *_ in self.blocks}
-        self.reap_n = {L: np.zeros(self.E, dtype=np.int64) for L, *_ in self.blocks}
-        self.outputs: dict[int, list[list]] = {L: [[] for _ in range(self.E)] for L, *_ in self.blocks}
-        self.sampled = {L: 0 for L, *_ in self.blocks}
-        self.valid = None
-        self.busy = False
-        self.handles: list = []
-
-    def __enter__(self):
-        if not (self.want_reap or self.want_outputs):
-            return self
-        self.handles.append(self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
-        for L, _block, _router, experts in self.blocks:
-            self.handles.append(experts.register_forward_pre_hook(self._experts_hook(L, experts), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _model_hook(self, module, args, kwargs):
-        import torch
-
-        mask = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if mask is None and ids is not None:
-            mask = torch.ones_like(ids)
-        self.valid = None if mask is None else mask.reshape(-1).bool()
-
-    def _experts_hook(self, L: int, experts):
-        import torch
-
-        def hook(module, args, kwargs):
-            if self.busy:
-                return None
-            values = list(args) + list(kwargs.values())
-            if len(values) < 3:
-                raise MoetoolError(f"layer {L}: the experts module was not called with (hidden, indices, weights)")
-            hidden, idx, w = values[0], values[1], values[2]
-            H = hidden.shape[-1]
-            hidden = hidden.reshape(-1, H)
-            idx = idx.reshape(hidden.shape[0], -1)
-            w = w.reshape(hidden.shape[0], -1)
-            valid = self.valid
-            if valid is None or valid.shape[0] != hidden.shape[0]:
-                valid = torch.ones(hidden.shape[0], dtype=torch.bool)
-            valid = valid.to(hidden.device)
-            self.busy = True
-            try:
-                if self.want_reap:
-                    self._reap(L, module, hidden, idx, w, valid)
-                if self.want_outputs and self.sampled[L] < self.sample_tokens:
-                    self._sample(L, module, hidden, valid)
-            finally:
-                self.busy = False
-            return None
-
-        return hook
-
-    def _run(self, module, x, e: int):
-        import torch
-
-        n = x.shape[0]
-        index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
-        ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
-        return module(x, index, ones)
-
-    def _reap(self, L, module, hidden, idx, w, valid):
-        routed = idx.long()
-        for e in range(self.E):
-            hit = (routed == e) & valid[:, None]
-            tok, slot = hit.nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                continue
-            out = self._run(module, hidden[tok], e).float()
-            norms = out.norm(dim=-1)
-            self.reap_sum[L][e] += float((w[tok, slot].float() * norms).sum())
-            self.reap_n[L][e] += int(tok.numel())
-
-    def _sample(self, L, module, hidden, valid):
-        rows = valid.nonzero().reshape(-1)[: self.sample_tokens - self.sampled[L]]
-        if rows.numel() == 0:
-            return
-        x = hidden[rows]
-        for e in range(self.E):
-            self.outputs[L][e].append(self._run(module, x, e).float().cpu().numpy())
-        self.sampled[L] += int(rows.numel())
-
-    def reap_scores(self) -> dict[int, np.ndarray]:
-        return {L: np.divide(self.reap_sum[L], np.maximum(self.reap_n[L], 1)) for L in self.reap_sum}
-
-    def output_features(self) -> dict[int, np.ndarray]:
-        out = {}
-        for L, per_expert in self.outputs.items():
-            out[L] = np.stack([np.concatenate(chunks).reshape(-1) for chunks in per_expert])
-        return out
+    return ExpertProbe(loaded, reap=reap, outputs=outputs, sample_tokens=sample_tokens)
 
 
 def calibrate(model: str, texts: list[str], max_tokens: int | None = None, batch_size: int = 8,
@@ -238,13 +127,16 @@ def calibrate(model: str, texts: list[str], max_tokens: int | None = None, batch
     from moetool.loading import load_model
     from moetool.trace import check_trace_matches, record_trace
 
-    loaded = load_model(model, **(load_options or {}))
+    from moetool.progress import status
+
+    with status(f"loading {model}"):
+        loaded = load_model(model, **(load_options or {}))
     try:
         if rc is not None:
             check_trace_matches_rc(loaded.rc, rc)
         probe = _ExpertProbe(loaded, reap=reap, outputs=outputs)
-        with probe:
-            trace = record_trace(loaded, texts, max_tokens=max_tokens, batch_size=batch_size, logits=logits)
+        trace = record_trace(loaded, texts, max_tokens=max_tokens, batch_size=batch_size, logits=logits,
+                             observers=[probe] if (reap or outputs) else ())
         check_trace_matches(trace, loaded.rc)
         stats = stats_from_trace(trace)
         if reap:

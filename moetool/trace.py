@@ -15,9 +15,7 @@ trace never imports torch.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,143 +300,21 @@ def read_texts(prompts: Sequence[str] = (), file: str | None = None) -> list[str
 
 
 # -- recording --------------------------------------------------------------------------------------------
-def _split_router_output(output, k: int, E: int):
-    """(ids, weights, logits) from what a router returned; any may be None."""
-    import torch
+# The forward passes and hooks live in moetool.executor / moetool.observers (RoutingRecorder);
+# this module turns what they recorded into a Trace.
+def _pad_id(loaded) -> int:
+    from moetool.executor import pad_id_of
 
-    if isinstance(output, torch.Tensor):
-        return None, None, output
-    if not isinstance(output, (tuple, list)):
-        return None, None, None
-    if (len(output) >= 3 and all(isinstance(t, torch.Tensor) for t in output[:3])
-            and not output[2].is_floating_point() and output[1].is_floating_point()):
-        return output[2], output[1], output[0]  # transformers 5: (logits, weights, indices)
-    tensors = [t for t in output if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    ids = next((t for t in tensors if not t.is_floating_point() and t.shape[-1] == k), None)
-    if ids is None:
-        return None, None, None
-    w = next((t for t in tensors if t.is_floating_point() and t.shape == ids.shape), None)
-    lg = next((t for t in tensors if t.is_floating_point() and t.shape[-1] == E and t is not w), None)
-    return ids, w, lg
-
-
-class _Recorder:
-    """Forward hooks on every MoE router; ``take(mask)`` returns the recorded rows of the last
-    forward for the non-padding positions, on the CPU."""
-
-    def __init__(self, blocks, rc, logits: bool):
-        import torch
-
-        self.blocks = blocks
-        self.k, self.E = int(rc.top_k), int(rc.num_experts)
-        self.want_logits = logits
-        self.id_dtype = torch.uint8 if self.E <= 256 else torch.int16
-        self.buffers: dict[int, list] = {L: [] for L, *_ in blocks}
-        self.handles: list = []
-        self.recomputed = False
-        self.rc = rc
-
-    def __enter__(self):
-        for L, _block, router, _experts in self.blocks:
-            self.handles.append(router.register_forward_hook(self._hook(L)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _hook(self, L: int):
-        import torch
-
-        buf = self.buffers[L]
-        k, E, id_dtype, want_logits = self.k, self.E, self.id_dtype, self.want_logits
-
-        def hook(module, args, output):
-            ids, w, lg = _split_router_output(output, k, E)
-            if ids is None or w is None:
-                if lg is None:
-                    raise MoetoolError(f"layer {L}: cannot read the router's output (expected logits, weights, indices)")
-                ids, w = self._recompute(lg)
-            lg_kept = None
-            if want_logits:
-                if lg is None:
-                    raise MoetoolError("--logits: this model's router does not return its logits")
-                lg_kept = lg.detach().reshape(-1, E).to(torch.float16)
-            buf.append((ids.detach().reshape(-1, k).to(id_dtype), w.detach().reshape(-1, k).to(torch.float16), lg_kept))
-
-        return hook
-
-    def _recompute(self, logits):
-        """A router that returns only logits (the 4.x ``nn.Linear`` gate): softmax top-k as the
-        4.x blocks did, renormalised where the config says so. Other scorings are refused."""
-        import torch
-
-        scoring = str(self.rc.fields.get("scoring", "softmax"))
-        if scoring != "softmax":
-            raise MoetoolError(f"this model's router returns only logits; moetool cannot re-derive {scoring} routing")
-        n_group = int(self.rc.fields.get("n_group") or 1)
-        if n_group > 1 and int(self.rc.fields.get("topk_group") or n_group) < n_group:
-            raise MoetoolError("this model's router returns only logits; moetool cannot re-derive group-limited routing")
-        self.recomputed = True
-        probs = torch.softmax(logits.detach().reshape(-1, self.E).float(), dim=-1)
-        w, ids = torch.topk(probs, self.k, dim=-1)
-        renorm = self.rc.names.get("norm_topk_prob", self.rc.family.name == "mixtral")
-        if renorm:
-            w = w / w.sum(dim=-1, keepdim=True)
-        scale = self.rc.names.get("routed_scaling_factor")
-        if isinstance(scale, (int, float)) and scale != 1:
-            w = w * scale
-        return ids, w
-
-    def take(self, mask) -> dict[int, tuple]:
-        """mask: bool [B, S] of the positions to keep (non-padding, still-running sequences)."""
-        import torch
-
-        flat = mask.reshape(-1)
-        out = {}
-        for L, buf in self.buffers.items():
-            if not buf:
-                raise MoetoolError(f"layer {L}: the router did not run during the forward pass")
-            ids = torch.cat([b[0] for b in buf]) if len(buf) > 1 else buf[0][0]
-            w = torch.cat([b[1] for b in buf]) if len(buf) > 1 else buf[0][1]
-            lg = None
-            if buf[0][2] is not None:
-                lg = torch.cat([b[2] for b in buf]) if len(buf) > 1 else buf[0][2]
-            buf.clear()
-            if ids.shape[0] != flat.shape[0]:
-                raise MoetoolError(f"layer {L}: the router saw {ids.shape[0]} rows for {flat.shape[0]} positions")
-            sel = flat.to(ids.device)
-            out[L] = (ids[sel].cpu(), w[sel].cpu(), None if lg is None else lg[sel].cpu())
-        return out
-
-
-@contextlib.contextmanager
-def _quiet_bitsandbytes():
-    """bitsandbytes int8 logs a warning on every matmul that casts float32 inputs to float16."""
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _forward_kwargs(model) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+    return pad_id_of(loaded)
 
 
 def record_trace(loaded, texts: Sequence[str], max_tokens: int | None = None, batch_size: int = 8,
-                 logits: bool = False, generate: int = 0, add_special_tokens: bool = True) -> Trace:
+                 logits: bool = False, generate: int = 0, add_special_tokens: bool = True,
+                 observers: Sequence = (), executor_options: dict | None = None) -> Trace:
     """Run LOADED on TEXTS (tokenized as its own tokenizer does, special tokens included) and
     record every MoE layer's routing. ``generate`` > 0 also greedily generates that many tokens
-    per text and records their decode steps (``decode`` = 1)."""
+    per text and records their decode steps (``decode`` = 1). OBSERVERS ride along on the same
+    forward passes (moetool.observers)."""
     texts = list(texts)
     if not texts:
         raise MoetoolError("nothing to trace: give at least one text")
@@ -460,7 +336,8 @@ def record_trace(loaded, texts: Sequence[str], max_tokens: int | None = None, ba
     truncated = len(ids) < len(texts)
     options = {"add_special_tokens": add_special_tokens}
     trace = record_token_ids(loaded, ids, texts=texts[: len(ids)], max_tokens=max_tokens, batch_size=batch_size,
-                             logits=logits, generate=generate, options=options)
+                             logits=logits, generate=generate, options=options, observers=observers,
+                             executor_options=executor_options)
     if truncated:
         trace.meta["truncated"] = True
     return trace
@@ -468,11 +345,11 @@ def record_trace(loaded, texts: Sequence[str], max_tokens: int | None = None, ba
 
 def record_token_ids(loaded, token_ids: Sequence[Sequence[int]], texts: Sequence[str] | None = None,
                      max_tokens: int | None = None, batch_size: int = 8, logits: bool = False,
-                     generate: int = 0, options: dict | None = None) -> Trace:
+                     generate: int = 0, options: dict | None = None, observers: Sequence = (),
+                     executor_options: dict | None = None) -> Trace:
     """Like ``record_trace`` from token ids (one list per sequence)."""
-    import torch
-
-    from moetool.loading import moe_blocks
+    from moetool.executor import Executor, Hooks
+    from moetool.observers import RoutingRecorder
 
     if batch_size < 1:
         raise MoetoolError("--batch-size must be at least 1")
@@ -497,81 +374,78 @@ def record_token_ids(loaded, token_ids: Sequence[Sequence[int]], texts: Sequence
         seqs = kept
     prompt_total = sum(len(s) for s in seqs)
     decode_budget = 0 if generate == 0 else (generate * len(seqs) if max_tokens is None else max(0, max_tokens - prompt_total))
+    left_pad = generate > 0 and decode_budget > 0  # decoding appends on the right: pad on the left
 
-    model, rc = loaded.model, loaded.rc
-    blocks = moe_blocks(loaded)
-    device = loaded.input_device
-    fkw = _forward_kwargs(model)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in fkw else {}
-    pad_id = _pad_id(loaded)
-    chunks: list[dict] = []  # per forward: arrays of the kept rows
+    recorder = RoutingRecorder(loaded, logits)
+    opts = dict(executor_options or {})
+    if left_pad:
+        if getattr(loaded, "layer_reader", None) is not None:
+            raise MoetoolError("--generate needs the whole model with a KV cache; it cannot stream (use --no-stream)")
+        opts["mode"] = "whole"
+    ex = Executor(loaded, batch_size=batch_size, left_pad=left_pad, description="tracing", **opts)
+    if not left_pad:
+        ex.run(seqs, [recorder, *observers])
+    else:
+        _generate(ex, recorder, list(observers), seqs, generate, decode_budget, Hooks)
 
-    def add_chunk(seq_idx, pos, tok_ids, is_decode, rec):
-        chunks.append({"sequence": seq_idx, "position": pos, "token_ids": tok_ids,
-                       "decode": np.full(len(tok_ids), 1 if is_decode else 0, np.uint8), "rec": rec})
-
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
-    recorder = _Recorder(blocks, rc, logits)
-    decode_left = decode_budget
-    with recorder, torch.inference_mode(), _quiet_bitsandbytes():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            lens = torch.tensor([len(seqs[i]) for i in batch])
-            S = int(lens.max())
-            input_ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), S), dtype=torch.long)
-            left_pad = generate > 0 and decode_left > 0  # decoding appends on the right: pad on the left
-            for row, i in enumerate(batch):
-                n = len(seqs[i])
-                sl = slice(S - n, S) if left_pad else slice(0, n)
-                input_ids[row, sl] = torch.tensor(seqs[i])
-                mask[row, sl] = 1
-            kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=left_pad, **extra)
-            if left_pad:
-                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-            out = model(**kwargs)
-            keep = mask.bool()
-            rec = recorder.take(keep)
-            rows, cols = keep.nonzero(as_tuple=True)
-            seq_of_row = torch.tensor(batch)[rows].numpy().astype(np.int32)
-            pos = (cols - (S - lens[rows]) if left_pad else cols).numpy().astype(np.int32)
-            add_chunk(seq_of_row, pos, input_ids[keep].numpy().astype(np.int32), False, rec)
-            if not left_pad:
-                continue
-            decode_left = _decode(model, out, recorder, batch, lens, mask, device, generate, decode_left,
-                                  _eos_ids(loaded), add_chunk, extra)
-
-    if not chunks:
-        raise MoetoolError("nothing was traced")
-    cat = {key: np.concatenate([c[key] for c in chunks]) for key in ("sequence", "position", "token_ids", "decode")}
-    srt = np.lexsort((cat["position"], cat["sequence"]))
-    layer_ids, layer_w, layer_lg = {}, {}, {}
-    for L, *_ in blocks:
-        layer_ids[L] = torch.cat([c["rec"][L][0] for c in chunks]).numpy()[srt]
-        layer_w[L] = torch.cat([c["rec"][L][1] for c in chunks]).numpy()[srt]
-        if logits:
-            layer_lg[L] = torch.cat([c["rec"][L][2] for c in chunks]).numpy()[srt]
-    tokens = cat["token_ids"][srt]
+    cols, layer_ids, layer_w, layer_lg = recorder.result()
+    srt = np.lexsort((cols["position"], cols["sequence"]))
+    layer_ids = {L: v[srt] for L, v in layer_ids.items()}
+    layer_w = {L: v[srt] for L, v in layer_w.items()}
+    layer_lg = {L: v[srt] for L, v in layer_lg.items()}
+    tokens = cols["token_ids"][srt]
     meta = _trace_meta(loaded, texts if texts is not None else [""] * len(seqs), tokens, options or {},
                        recomputed=recorder.recomputed, truncated=truncated, generate=generate,
                        max_tokens=max_tokens, logits=logits)
-    return Trace(tokens.astype(np.int32), cat["sequence"][srt].astype(np.int32), cat["position"][srt].astype(np.int32),
-                 cat["decode"][srt].astype(np.uint8), layer_ids, layer_w, layer_lg, meta)
+    return Trace(tokens.astype(np.int32), cols["sequence"][srt].astype(np.int32), cols["position"][srt].astype(np.int32),
+                 cols["decode"][srt].astype(np.uint8), layer_ids, layer_w, layer_lg, meta)
 
 
-def _decode(model, out, recorder, batch, lens, mask, device, steps, budget, eos_ids, add_chunk, extra) -> int:
+def _generate(ex, recorder, observers, seqs, generate: int, budget: int, Hooks) -> None:
+    """Prompt forwards with a KV cache, then greedy decoding of each batch: the decode loop on
+    top of the executor's forward (whole model; left padding)."""
+    from moetool.progress import open_progress
+
+    batches = ex.make_batches(seqs)
+    ex.batches = batches
+    hooks = Hooks()
+    eos_ids = _eos_ids(ex.loaded)
+    prog = open_progress() if ex.progress is None else ex.progress
+    task = prog.task("tracing (generating)", sum(b.tokens for b in batches) + budget)
+    try:
+        with ex.context():
+            for o in [recorder, *observers]:
+                o.attach(ex, hooks)
+            for b in batches:
+                out = ex.forward(b, logits=False, use_cache=True)
+                for o in [recorder, *observers]:
+                    o.batch_end(b, None, None)
+                task.advance(b.tokens)
+                before = budget
+                budget = _decode(ex, out, recorder, b, generate, budget, eos_ids)
+                task.advance(before - budget)
+    finally:
+        hooks.remove()
+        ex.current = None
+        if ex.progress is None:
+            prog.close()
+
+
+def _decode(ex, out, recorder, batch, steps, budget, eos_ids) -> int:
     """Greedy decoding of up to STEPS tokens per sequence of a left-padded batch, recording
     each generated token's routing when it is fed back. Returns the decode budget left."""
     import torch
 
-    B = len(batch)
-    # transformers >= 5.24 renamed past_key_values to cache (the old name warns): follow the signature
-    cache_kw = "cache" if "cache" in _forward_kwargs(model) else "past_key_values"
+    model, device = ex.model, ex.device
+    lens = batch.attention_mask.sum(-1)
+    B = len(batch.rows)
+    cache_kw = "cache" if "cache" in ex.forward_params else "past_key_values"  # renamed in transformers 5.x
     past = _cache_of(out)
     next_tok = out.logits[:, -1, :].argmax(-1).cpu()
     finished = torch.zeros(B, dtype=torch.bool)
     last_pos = (lens - 1).clone()
-    attn = mask.clone()
+    attn = batch.attention_mask.clone()
+    extra = {"logits_to_keep": 1} if ex._has_logits_to_keep else {}
     for step in range(steps):
         if budget <= 0 or bool(finished.all()):
             break
@@ -582,12 +456,13 @@ def _decode(model, out, recorder, batch, lens, mask, device, steps, budget, eos_
             active[idx[:budget]] = True
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype)], dim=1)
         last_pos = last_pos + 1
+        ex.current = None
         out = model(input_ids=next_tok.reshape(B, 1).to(device), attention_mask=attn.to(device),
                     position_ids=last_pos.reshape(B, 1).to(device), use_cache=True, **{cache_kw: past}, **extra)
-        rec = recorder.take(active.reshape(B, 1))
         rows = active.nonzero().reshape(-1)
-        add_chunk(torch.tensor(batch)[rows].numpy().astype(np.int32), last_pos[rows].numpy().astype(np.int32),
-                  next_tok[rows].numpy().astype(np.int32), True, rec)
+        meta = (batch.rows[rows.numpy()].astype(np.int32), last_pos[rows].numpy().astype(np.int32),
+                next_tok[rows].numpy().astype(np.int32), 1)
+        recorder.take((batch.index, step + 1), active.reshape(B, 1), meta)
         budget -= int(rows.numel())
         if eos_ids:
             finished |= torch.isin(next_tok, torch.tensor(sorted(eos_ids)))
@@ -603,15 +478,6 @@ def _cache_of(out):
         if key in keys:
             return out[key]
     return getattr(out, "past_key_values", None)
-
-
-def _pad_id(loaded) -> int:
-    tok = loaded.tokenizer
-    for cand in (getattr(tok, "pad_token_id", None), getattr(loaded.model.config, "pad_token_id", None),
-                 getattr(tok, "eos_token_id", None)):
-        if isinstance(cand, int):
-            return cand
-    return 0
 
 
 def _eos_ids(loaded) -> set[int]:
@@ -644,6 +510,7 @@ def _trace_meta(loaded, texts, tokens: np.ndarray, options: dict, recomputed: bo
         "expert_weight_bytes": info["expert_weight_bytes"],
         "dtype": info["dtype"],
         "devices": info["devices"],
+        "streamed": bool(info.get("streamed")),
         "scoring": str(rc.fields.get("scoring", "")),
         "routing": "recomputed-from-logits" if recomputed else "router-output",
         "generate": int(generate),
@@ -692,7 +559,10 @@ def trace_model(model: str, texts: Iterable[str], max_tokens: int | None = None,
     for t in texts:  # fail on bad input before paying for the load
         if not t or not t.strip():
             raise MoetoolError("empty prompt: give some text to trace")
-    loaded = load_model(model, **(load_options or {}))
+    from moetool.progress import status
+
+    with status(f"loading {model}"):
+        loaded = load_model(model, **(load_options or {}))
     trace = record_trace(loaded, texts, max_tokens=max_tokens, batch_size=batch_size, logits=logits,
                          generate=generate, add_special_tokens=add_special_tokens)
     return trace, loaded

@@ -157,6 +157,7 @@ def summarize(trace, top_pairs: int = TOP_PAIRS, token_view_limit: int = TOKEN_V
             "quantization": meta.get("quantization", "none"),
             "dtype": meta.get("dtype"),
             "devices": meta.get("devices", {}),
+            "streamed": bool(meta.get("streamed", False)),
         },
         "token_view": token_view(trace) if 0 < T <= token_view_limit else None,
     }

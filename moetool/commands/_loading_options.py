@@ -8,8 +8,10 @@
         loaded = load_model(model, **load_options)
 
 The decorator adds --dtype, --device-map, --max-memory, --offload-folder, --load-in-4bit,
---load-in-8bit, --trust-remote-code and --allow-pickle, and hands them to the command as one dict,
-``load_options``, whose keys are ``load_model``'s keyword arguments.
+--load-in-8bit, --trust-remote-code, --allow-pickle, --stream/--no-stream, --run-dir and --resume,
+and hands them to the command as one dict, ``load_options``, whose keys are ``load_model``'s
+keyword arguments. --progress/--no-progress sets moetool.progress's default for the process (with
+neither, progress shows when stderr is a terminal and the command is not printing --json).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import click
 from moetool.loading import DTYPES
 
 OPTION_NAMES = ("dtype", "device_map", "max_memory", "offload_folder", "load_in_4bit", "load_in_8bit",
-                "trust_remote_code", "allow_pickle")
+                "trust_remote_code", "allow_pickle", "stream", "run_dir", "resume")
 
 _OPTIONS = [
     click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
@@ -42,21 +44,45 @@ _OPTIONS = [
     click.option("--allow-pickle", "allow_pickle", is_flag=True,
                  help="Read pickled weights (.bin/.pt) when there are no safetensors, with torch's weights_only "
                       "loader (off by default: moetool never unpickles unless asked)."),
+    click.option("--stream/--no-stream", "stream", default=None,
+                 help="Run the model one decoder layer at a time, reading each layer's weights from disk "
+                      "(default: when the weights do not fit in free memory; see docs/streaming.md)."),
+    click.option("--run-dir", "run_dir", default=None, type=click.Path(file_okay=False),
+                 help="Checkpoint a layer-by-layer run here after every layer (see --resume)."),
+    click.option("--resume", "resume", is_flag=True,
+                 help="Continue an interrupted layer-by-layer run from its --run-dir."),
+    click.option("--progress/--no-progress", "progress_flag", default=None,
+                 help="Progress on stderr (default: when stderr is a terminal and not --json)."),
 ]
 
 
-def loading_options(func):
-    """Add the loading options to a click command; the command receives ``load_options``."""
+_RUN_OPTIONS = ("stream", "run_dir", "resume")
+
+
+def loading_options(func=None, *, stream: bool = True):
+    """Add the loading options to a click command; the command receives ``load_options``.
+    ``@loading_options(stream=False)``: without --stream/--run-dir/--resume (a command that
+    needs the whole model in memory)."""
+    if func is None:
+        return functools.partial(loading_options, stream=stream)
+    names = OPTION_NAMES if stream else tuple(n for n in OPTION_NAMES if n not in _RUN_OPTIONS)
+    options = _OPTIONS if stream else [o for o, n in zip(_OPTIONS, _OPTION_DESTS) if n not in _RUN_OPTIONS]
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        load_options = {name: kwargs.pop(name) for name in OPTION_NAMES}
+        from moetool import progress
+
+        load_options = {name: kwargs.pop(name) for name in names}
+        flag = kwargs.pop("progress_flag")
+        progress.set_default(flag if flag is not None else (False if kwargs.get("as_json") else None))
         return func(*args, load_options=load_options, **kwargs)
 
-    for option in reversed(_OPTIONS):
+    for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
 
+
+_OPTION_DESTS = OPTION_NAMES + ("progress_flag",)  # one per entry of _OPTIONS, in order
 
 _CALIBRATION_OPTIONS = [
     click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,

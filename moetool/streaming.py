@@ -1,0 +1,294 @@
+"""A model held one decoder layer at a time: the skeleton on the meta device, the parts outside
+the decoder layers (embeddings, final norm, head, rotary tables) in memory, and each layer's
+weights read from the safetensors shards when the executor runs it, then freed.
+
+``load_streamed`` builds the skeleton with transformers' own class (``with torch.device("meta")``,
+which keeps fused expert parameters on meta) and a :class:`LayerReader` that knows, for every
+parameter of a layer, which on-disk tensors hold it: the same name, the same name under another
+of the family's runtime layouts (Mixtral's ``block_sparse_moe`` on disk, ``mlp`` in memory), or
+per-expert matrices fused into transformers' 3-D ``gate_up_proj`` [E, 2I, H] (gate rows, then
+up rows) and ``down_proj`` [E, H, I] (the family spec's ``proj`` of each expert tensor). A
+parameter with no source on disk is an error naming it, never a random initialisation.
+
+Tensors are read with plain file reads at the offsets of the safetensors header (no mmap: the
+resident set stays one layer), and counted in ``LayerReader.bytes_read``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from moetool.errors import MoetoolError
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def decoder_layers(model, rc) -> tuple[str, Any]:
+    """(prefix, ModuleList) of the decoder layers: the runtime layouts' block path up to {L}."""
+    for layout in rc.family.runtime_layouts:
+        prefix = layout["block"].split(".{L}")[0]
+        try:
+            mod = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if len(mod) == rc.num_layers:
+            return prefix, mod
+    prefix = "model.layers"
+    try:
+        mod = model.get_submodule(prefix)
+    except AttributeError:
+        raise MoetoolError(f"cannot find the decoder layers of this {rc.family.name} model") from None
+    return prefix, mod
+
+
+class LayerReader:
+    """Which on-disk tensors make each parameter of a decoder layer, and reading them."""
+
+    def __init__(self, path: Path, model, rc, dtype, device):
+        from moetool.safetensors_header import read_checkpoint_headers
+
+        self.path = Path(path)
+        self.model, self.rc, self.dtype, self.device = model, rc, dtype, device
+        self.entries = {e.name: e for e in read_checkpoint_headers(self.path)}
+        self.prefix, self.layers = decoder_layers(model, rc)
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._prefetch: dict[int, Any] = {}
+
+    # -- the plan: target parameter -> how to build it from disk --------------------------------------
+    def _alternatives(self, name: str) -> list[str]:
+        """NAME under the family's other runtime layouts (block, router and experts paths)."""
+        import re
+
+        out = []
+        lays = self.rc.family.runtime_layouts
+        for mem in lays:
+            rx = "^" + re.escape(mem["block"]).replace(r"\{L\}", r"(\d+)") + r"\.(.+)$"
+            m = re.match(rx, name)
+            if not m:
+                continue
+            num, tail = m.group(1), m.group(2)
+            for disk in lays:
+                if disk is mem:
+                    continue
+                t = tail
+                for key in ("router", "experts"):
+                    if t.startswith(mem[key] + ".") and mem[key] != disk[key]:
+                        t = disk[key] + t[len(mem[key]):]
+                out.append(disk["block"].replace("{L}", num) + "." + t)
+        return out
+
+    def _expert_entries(self, layer: int) -> dict[str, dict[int, Any]]:
+        fam = self.rc.family
+        groups: dict[str, dict[int, Any]] = {}
+        for name, ent in self.entries.items():
+            m = fam.classify(name)
+            if m is None or m.layer != layer or m.expert is None or m.role != "routed_experts":
+                continue
+            spec = next((t for g in fam.spec["tensors"].values() for t in g if t["name"] == m.template), {})
+            proj = spec.get("proj")
+            if proj:
+                groups.setdefault(proj, {})[m.expert] = ent
+        return groups
+
+    def plan(self, layer: int) -> dict[str, tuple]:
+        """{parameter name inside the layer: ("copy", entry) | ("fuse", [entries...], kind)}."""
+        module = self.layers[layer]
+        full = f"{self.prefix}.{layer}."
+        plan: dict[str, tuple] = {}
+        experts = None
+        state = dict(module.state_dict(keep_vars=True))
+        persistent = set(state)
+        for bname, _ in module.named_buffers():
+            if bname not in persistent:
+                raise MoetoolError(f"layer {layer}: buffer {bname} is computed at construction, not stored; "
+                                   "this model cannot be streamed (run it with --no-stream)")
+        for name, tensor in state.items():
+            target = full + name
+            src = self.entries.get(target)
+            if src is None:
+                src = next((self.entries[a] for a in self._alternatives(target) if a in self.entries), None)
+            if src is not None:
+                plan[name] = ("copy", src)
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("gate_up_proj", "down_proj") and tensor.dim() == 3:
+                if experts is None:
+                    experts = self._expert_entries(layer)
+                E = tensor.shape[0]
+                if leaf == "gate_up_proj" and all(len(experts.get(p, {})) == E for p in ("gate", "up")):
+                    plan[name] = ("fuse", [(experts["gate"][e], experts["up"][e]) for e in range(E)], leaf)
+                    continue
+                if leaf == "down_proj" and len(experts.get("down", {})) == E:
+                    plan[name] = ("fuse", [(experts["down"][e],) for e in range(E)], leaf)
+                    continue
+            raise MoetoolError(f"{self.path}: no tensor for {target} in the checkpoint (looked for "
+                               f"{', '.join([target] + self._alternatives(target))}); it is incomplete or laid out "
+                               "in a way moetool cannot stream")
+        return plan
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def _read(self, ent):
+        import torch
+
+        if ent.dtype not in _DTYPES:
+            raise MoetoolError(f"{ent.name}: {ent.dtype} tensors cannot be streamed (plain float weights only)")
+        t = torch.empty(ent.shape, dtype=getattr(torch, _DTYPES[ent.dtype]))
+        view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
+        if view is not None:
+            fd = os.open(self.path / ent.file, os.O_RDONLY)
+            try:
+                got, mv = 0, memoryview(view)
+                while got < ent.nbytes:
+                    n = os.preadv(fd, [mv[got:]], ent.offset + got)
+                    if n <= 0:
+                        raise MoetoolError(f"{self.path / ent.file}: truncated while reading {ent.name}")
+                    got += n
+            finally:
+                os.close(fd)
+        with self._lock:
+            self.bytes_read += ent.nbytes
+        return t
+
+    def read(self, layer: int) -> dict[str, Any]:
+        """Every parameter and persistent buffer of LAYER as CPU tensors in the model's dtype."""
+        import torch
+
+        module = self.layers[layer]
+        state = dict(module.state_dict(keep_vars=True))
+        out = {}
+        for name, (kind, src, *rest) in self.plan(layer).items():
+            want = state[name]
+            dtype = want.dtype if want.dtype.is_floating_point else None
+            if kind == "copy":
+                t = self._read(src)
+            else:
+                if rest[0] == "gate_up_proj":
+                    t = torch.stack([torch.cat([self._read(g), self._read(u)], dim=0) for g, u in src])
+                else:
+                    t = torch.stack([self._read(d) for (d,) in src])
+            if tuple(t.shape) != tuple(want.shape):
+                if t.dim() == 3 and tuple(t.transpose(1, 2).shape) == tuple(want.shape):
+                    t = t.transpose(1, 2).contiguous()
+                else:
+                    raise MoetoolError(f"{self.prefix}.{layer}.{name}: {list(t.shape)} on disk, the model expects "
+                                       f"{list(want.shape)}")
+            out[name] = t.to(dtype) if dtype is not None and t.dtype != dtype else t
+        return out
+
+    def prefetch(self, layer: int) -> None:
+        """Start reading LAYER in a background thread (the next layer while this one computes)."""
+        if layer >= len(self.layers) or layer in self._prefetch:
+            return
+        box: dict = {}
+
+        def work():
+            try:
+                tensors = self.read(layer)
+                if self.device.type == "cuda":
+                    tensors = {k: v.pin_memory() for k, v in tensors.items()}
+                box["tensors"] = tensors
+            except BaseException as exc:  # handed to the main thread
+                box["error"] = exc
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        self._prefetch[layer] = (th, box)
+
+    def materialise(self, layer: int) -> None:
+        """Fill LAYER's parameters (prefetched if it was)."""
+        job = self._prefetch.pop(layer, None)
+        if job is not None:
+            th, box = job
+            th.join()
+            if "error" in box:
+                raise box["error"]
+            tensors = box["tensors"]
+        else:
+            tensors = self.read(layer)
+        if self.device.type != "cpu":
+            tensors = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+        self.layers[layer].load_state_dict(tensors, strict=True, assign=True)
+
+    def free(self, layer: int) -> None:
+        self.layers[layer].to_empty(device="meta")
+
+
+def load_streamed(source, rc, dtype, device_map=None, trust_remote_code: bool = False):
+    """(model skeleton with everything but the decoder layers in memory, LayerReader)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = str(source.path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise MoetoolError(f"{source.name}: cannot read its config ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.replace("torch.", ""))
+    device = _stream_device(device_map)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    reader = LayerReader(source.path, model, rc, dtype, device)
+    _materialise_outside_layers(model, reader, config, device)
+    return model, reader
+
+
+def _stream_device(device_map):
+    import torch
+
+    dm = device_map if isinstance(device_map, str) else None
+    if dm and dm.startswith("cuda"):
+        return torch.device(dm)
+    if dm in (None, "auto", "balanced", "sequential", "balanced_low_0") and torch.cuda.is_available():
+        return torch.device("cuda:0")
+    return torch.device("cpu")
+
+
+def _materialise_outside_layers(model, reader: LayerReader, config, device) -> None:
+    """Embeddings, final norm, head (tied or not) and modules whose buffers are computed at
+    construction (rotary tables: rebuilt with the model's config) go to DEVICE."""
+    import torch
+
+    prefix = reader.prefix + "."
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for mname, module in list(model.named_modules()):
+        if mname == reader.prefix or mname.startswith(prefix):
+            continue
+        own_p = dict(module.named_parameters(recurse=False))
+        own_b = dict(module.named_buffers(recurse=False))
+        if not own_p and not own_b:
+            continue
+        persistent = set(module.state_dict(keep_vars=True)) & set(own_b)
+        if own_b and not own_p and not persistent:
+            with torch.device(device):
+                fresh = type(module)(config=getattr(model.config, "get_text_config", lambda: model.config)())
+            parent, _, leaf = mname.rpartition(".")
+            (model.get_submodule(parent) if parent else model).__setattr__(leaf, fresh)
+            continue
+        state = {}
+        for name in list(own_p) + sorted(persistent):
+            full = f"{mname}.{name}" if mname else name
+            ent = reader.entries.get(full)
+            if ent is None:
+                if tied and module is model.get_output_embeddings():
+                    continue
+                raise MoetoolError(f"{reader.path}: no tensor for {full} in the checkpoint")
+            want = own_p.get(name, own_b.get(name))
+            t = reader._read(ent)
+            state[name] = t.to(device=device, dtype=want.dtype if want.dtype.is_floating_point else t.dtype)
+        if state:
+            module.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                if p.device.type == "meta" and not n.startswith(prefix)]
+    if leftover:
+        raise MoetoolError(f"{reader.path}: cannot place {leftover[0]} outside the decoder layers for streaming")

@@ -1,0 +1,285 @@
+"""Layer-by-layer (streaming) runs equal resident runs on every fixture family: the same
+expert for every token and layer, REAP and expert outputs within float rounding, the same eval
+loss; each command's --stream output equals its --no-stream output; a run killed by a real
+signal resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, ROOT, TINY, run_cli
+from moetool.loading import load_model
+
+ALL = TINY + sorted(p for p in FIXTURES.glob("trained-*") if p.is_dir())
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "def forward(self, hidden_states):",
+         "Mixture-of-experts models route every token to a few experts, and the rest stay idle."]
+
+
+@lru_cache(maxsize=None)
+def resident(path: str):
+    return load_model(path)
+
+
+def _same_routing(a, b):
+    assert a.moe_layers == b.moe_layers
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    np.testing.assert_array_equal(a.sequence, b.sequence)
+    np.testing.assert_array_equal(a.position, b.position)
+    for L in a.moe_layers:
+        np.testing.assert_array_equal(a.experts[L], b.experts[L], err_msg=f"layer {L}")
+        np.testing.assert_allclose(a.weights[L].astype(np.float32), b.weights[L].astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=[p.name for p in ALL])
+def test_streamed_layers_hold_exactly_the_resident_weights(fixture):
+    """Every parameter a streamed layer gets from disk (renamed, per-expert matrices fused into
+    transformers' 3-D tensors) equals what transformers' own loader put there."""
+    ref = resident(str(fixture)).model.state_dict()
+    lm = load_model(str(fixture), stream=True)
+    reader = lm.layer_reader
+    for i in range(lm.rc.num_layers):
+        reader.materialise(i)
+        for name, t in reader.layers[i].state_dict().items():
+            assert torch.equal(t, ref[f"{reader.prefix}.{i}.{name}"]), name
+        reader.free(i)
+        assert all(p.device.type == "meta" for p in reader.layers[i].parameters())
+    assert reader.bytes_read > 0
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=[p.name for p in ALL])
+def test_streamed_trace_routes_every_token_like_the_resident_model(fixture):
+    from moetool.trace import record_trace
+
+    ref = record_trace(resident(str(fixture)), TEXTS, logits=True, batch_size=2)
+    got = record_trace(load_model(str(fixture), stream=True), TEXTS, logits=True, batch_size=2)
+    _same_routing(ref, got)
+    for L in ref.moe_layers:
+        np.testing.assert_allclose(got.logits[L].astype(np.float32), ref.logits[L].astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
+def test_streamed_reap_and_expert_outputs_match(fixture, tmp_path):
+    from moetool.prune import calibrate
+
+    f = tmp_path / "calib.txt"
+    f.write_text("\n".join(TEXTS))
+    kw = dict(reap=True, outputs=True, logits=False)
+    a = calibrate(str(fixture), TEXTS, None, 2, {}, **kw)
+    b = calibrate(str(fixture), TEXTS, None, 2, {"stream": True}, **kw)
+    for L in a.layers:
+        np.testing.assert_array_equal(a.counts[L], b.counts[L])
+        np.testing.assert_allclose(b.reap[L], a.reap[L], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b.outputs[L], a.outputs[L], rtol=1e-5, atol=1e-6)
+        assert a.reap[L].max() > 0
+
+
+@pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
+def test_streamed_eval_gives_the_same_loss(fixture, tmp_path):
+    from moetool.evaluate import evaluate_models
+
+    f = tmp_path / "text.txt"
+    f.write_text(" ".join(TEXTS * 4))
+    a = evaluate_models([str(fixture)], str(f), seq_len=16, batch_size=3, progress=False)["models"][0]
+    b = evaluate_models([str(fixture)], str(f), seq_len=16, batch_size=3, progress=False,
+                        load_options={"stream": True})["models"][0]
+    assert a["tokens"] == b["tokens"]
+    assert b["nll"] == pytest.approx(a["nll"], rel=1e-6, abs=1e-7)
+
+
+def test_eval_ref_kl_streamed_against_resident(tmp_path):
+    """KL of a streamed model against the same model resident as --ref is zero (to rounding)."""
+    from moetool.evaluate import evaluate_models
+
+    f = tmp_path / "text.txt"
+    f.write_text(" ".join(TEXTS * 4))
+    fx = str(FIXTURES / "tiny-mixtral")
+    link = tmp_path / "same-model"
+    link.symlink_to(FIXTURES / "tiny-mixtral")
+    out = evaluate_models([str(link)], str(f), ref=fx, seq_len=16, batch_size=2, progress=False,
+                          load_options={"stream": True})
+    row = next(r for r in out["models"] if not r["is_ref"])
+    assert abs(row["kl"]) < 1e-6 and row["top1_agreement"] == 1.0
+
+
+def test_activations_spilled_to_disk_give_the_same_trace():
+    from moetool.executor import Executor
+    from moetool.observers import RoutingRecorder
+
+    lm = resident(str(FIXTURES / "tiny-qwen2-moe"))
+    tok = lm.tokenizer
+    seqs = [tok(t)["input_ids"] for t in TEXTS]
+    runs = []
+    for budget in (None, 1):
+        rec = RoutingRecorder(lm)
+        ex = Executor(lm, batch_size=2, mode="layerwise", max_memory=budget)
+        ex.run(seqs, [rec])
+        runs.append((rec.result(), ex.stats["activation_store"]))
+    assert runs[0][1] == "memory" and runs[1][1] == "disk"
+    for L in runs[0][0][1]:
+        np.testing.assert_array_equal(runs[0][0][1][L], runs[1][0][1][L])
+
+
+def test_layer_end_may_change_the_layer_and_the_next_layers_see_it():
+    """An observer that changes a layer's weights in layer_end (heal) returns True: the next
+    layer's inputs are recomputed with the changed weights, exactly as a resident model with
+    that change."""
+    from moetool.executor import Executor, Observer
+    from moetool.observers import RoutingRecorder
+    from moetool.trace import record_trace
+
+    fx = str(FIXTURES / "tiny-olmoe")
+
+    class Scale(Observer):
+        def attach(self, ex, hooks):
+            self.ex = ex
+
+        def layer_end(self, layer):
+            if layer == 0:
+                with torch.no_grad():
+                    self.ex.layer_module(0).self_attn.o_proj.weight.mul_(3.0)
+                return True
+
+    lm = load_model(fx, stream=True)
+    seqs = [lm.tokenizer(t)["input_ids"] for t in TEXTS]
+    rec = RoutingRecorder(lm)
+    Executor(lm, batch_size=2).run(seqs, [rec, Scale()])
+    changed = load_model(fx)
+    with torch.no_grad():
+        changed.model.model.layers[0].self_attn.o_proj.weight.mul_(3.0)
+    ref = record_trace(changed, TEXTS, batch_size=2)
+    cols, ids, _, _ = rec.result()
+    srt = np.lexsort((cols["position"], cols["sequence"]))  # a trace's order
+    plain = record_trace(resident(fx), TEXTS, batch_size=2)
+    later = [L for L in ref.moe_layers if L > 0]
+    for L in later:
+        np.testing.assert_array_equal(ids[L][srt], ref.experts[L])
+    assert any(not np.array_equal(plain.experts[L], ref.experts[L]) for L in later)
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def _json(result):
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_trace_command_streams(tmp_path):
+    fx = FIXTURES / "tiny-deepseek-v3"
+    outs = []
+    for flag in ("--no-stream", "--stream"):
+        out = tmp_path / f"t{flag}.safetensors"
+        r = _json(run_cli("trace", fx, "--prompt", TEXTS[0], "--prompt", TEXTS[2], "--json", "--out", out, flag))
+        outs.append((r, out))
+    assert outs[1][0]["load"]["streamed"] is True and outs[0][0]["load"]["streamed"] is False
+    from moetool.trace import Trace
+
+    _same_routing(Trace.load(outs[0][1]), Trace.load(outs[1][1]))
+
+
+def test_prune_reap_command_streams(tmp_path):
+    f = tmp_path / "calib.txt"
+    f.write_text("\n".join(TEXTS * 3))
+    fx = FIXTURES / "tiny-mixtral"
+    res = []
+    for flag in ("--no-stream", "--stream"):
+        r = _json(run_cli("prune", fx, "--keep", "4", "--by", "reap", "--file", f, "--out", tmp_path / flag, "--json",
+                          flag))
+        res.append(r["selection"]["layers"])
+    assert [row["kept"] for row in res[0]] == [row["kept"] for row in res[1]]
+    for a, b in zip(res[0], res[1]):
+        np.testing.assert_allclose(b["scores"], a["scores"], rtol=1e-5)
+
+
+def test_merge_experts_command_streams(tmp_path):
+    f = tmp_path / "calib.txt"
+    f.write_text("\n".join(TEXTS * 3))
+    fx = FIXTURES / "tiny-qwen3-moe"
+    res = []
+    for flag in ("--no-stream", "--stream"):
+        r = run_cli("merge-experts", fx, "--to", "4", "--file", f, "--out", tmp_path / flag, "--json", flag)
+        res.append(_json(r))
+    a = sorted((tmp_path / "--no-stream").glob("*.safetensors"))
+    b = sorted((tmp_path / "--stream").glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    for x, y in zip(a, b):
+        ta, tb = load_file(str(x)), load_file(str(y))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_command_streams(tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(" ".join(TEXTS * 4))
+    fx = FIXTURES / "trained-mixtral"
+    a = _json(run_cli("eval", fx, "--file", f, "--seq-len", "16", "--json", "--no-stream"))["models"][0]
+    b = _json(run_cli("eval", fx, "--file", f, "--seq-len", "16", "--json", "--stream"))["models"][0]
+    assert b["nll"] == pytest.approx(a["nll"], rel=1e-6)
+
+
+def test_distill_refuses_stream_in_one_line():
+    from moetool.distill import DistillOptions, check_options
+    from moetool.errors import MoetoolError
+
+    opts = DistillOptions(out="/tmp/x-never", files=[str(FIXTURES / "corpus" / "train.txt")],
+                          load_options={"stream": True})
+    with pytest.raises(MoetoolError, match="cannot --stream"):
+        check_options(str(FIXTURES / "tiny-mixtral"), opts)
+
+
+# -- resume after a real signal ---------------------------------------------------------------------------------
+_CHILD = r"""
+import json, os, signal, sys
+import numpy as np
+from moetool.loading import load_model
+from moetool.executor import Executor, Observer
+from moetool.observers import RoutingRecorder, ExpertProbe
+fx, run_dir, resume, kill_at, out = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
+lm = load_model(fx, stream=True, run_dir=run_dir, resume=resume)
+texts = ["The quick brown fox jumps over the lazy dog.", "def forward(self, hidden_states):",
+         "Mixture-of-experts models route every token to a few experts, and the rest stay idle."]
+seqs = [lm.tokenizer(t)["input_ids"] for t in texts]
+
+class Killer(Observer):
+    def layer_end(self, layer):
+        if layer == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+rec, probe = RoutingRecorder(lm), ExpertProbe(lm, reap=True, outputs=True)
+Executor(lm, batch_size=2).run(seqs, [rec, probe, Killer()])
+cols, ids, w, _ = rec.result()
+json.dump({"ids": {L: v.tolist() for L, v in ids.items()}, "w": {L: v.astype(float).tolist() for L, v in w.items()},
+           "reap": {L: v.tolist() for L, v in probe.reap_scores().items()},
+           "out": {L: v.tolist() for L, v in probe.output_features().items()}}, open(out, "w"))
+"""
+
+
+def _child(args, env):
+    return subprocess.run([sys.executable, "-c", _CHILD, *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+
+
+def test_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fx = FIXTURES / "trained-deepseek-v3"
+    full = _child([fx, tmp_path / "a", 0, -1, tmp_path / "full.json"], env)
+    assert full.returncode == 0, full.stderr
+    killed = _child([fx, tmp_path / "b", 0, 2, tmp_path / "never.json"], env)
+    assert killed.returncode == -signal.SIGKILL
+    state = json.loads(next((tmp_path / "b").rglob("state.json")).read_text())
+    assert state["next_layer"] == 2  # layers 0 and 1 were checkpointed, layer 2 was not
+    resumed = _child([fx, tmp_path / "b", 1, -1, tmp_path / "resumed.json"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "full.json").read_text())
+    b = json.loads((tmp_path / "resumed.json").read_text())
+    assert a == b
