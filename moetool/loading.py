@@ -279,6 +279,11 @@ def load_model(
     if stream is None:
         stream = budget is None and device_map is None and not (load_in_4bit or load_in_8bit) \
             and _weights_exceed_memory(source)
+        if stream:
+            from moetool.errors import warn
+
+            warn(f"{model}: its weights do not fit in the free memory; running it one layer at a time "
+                 "(--no-stream to load it whole)")
     run = {"run_dir": run_dir, "resume": bool(resume)}
     if budget is not None:
         run["activation_budget"] = int(sum(v for k, v in budget.items() if k != "disk"))

@@ -283,3 +283,39 @@ def test_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
     a = json.loads((tmp_path / "full.json").read_text())
     b = json.loads((tmp_path / "resumed.json").read_text())
     assert a == b
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streaming_on_cuda_prefetches_and_routes_like_the_resident_model():
+    """On a GPU each layer goes to the device (the next one read into pinned memory while the
+    current one computes) and routing equals the resident CPU run."""
+    from moetool.trace import record_trace
+
+    fx = str(FIXTURES / "trained-mixtral")
+    lm = load_model(fx, stream=True, device_map="cuda:0")
+    assert lm.layer_reader.device.type == "cuda"
+    got = record_trace(lm, TEXTS, batch_size=2)
+    ref = record_trace(resident(fx), TEXTS, batch_size=2)
+    for L in ref.moe_layers:  # GPU kernels round differently: nearly every choice the same
+        assert (got.experts[L] == ref.experts[L]).all(axis=1).mean() > 0.97
+
+
+def test_streams_by_itself_when_the_weights_do_not_fit(monkeypatch, capsys):
+    import moetool.loading as loading
+
+    fx = str(FIXTURES / "tiny-olmoe")
+    monkeypatch.setattr(loading, "_available_memory", lambda: 100_000)  # less than the 0.3 MB of weights
+    lm = load_model(fx, stream=None)
+    assert lm.layer_reader is not None and lm.load_info()["streamed"]
+    assert "one layer at a time" in capsys.readouterr().err
+    monkeypatch.setattr(loading, "_available_memory", lambda: 10**12)
+    assert load_model(fx, stream=None).layer_reader is None
+    assert load_model(fx, stream=None, max_memory="cpu=100KB").layer_reader is None  # a budget means accelerate
+
+
+def test_resume_without_run_dir_is_a_one_line_error():
+    from conftest import assert_one_line_error
+
+    r = run_cli("trace", FIXTURES / "tiny-olmoe", "--prompt", "hi", "--resume")
+    assert_one_line_error(r, "--run-dir")
+    assert r.returncode == 2
