@@ -62,7 +62,7 @@ class Progress:
     """A rich progress display with one task per phase. ``task(description, total, unit)``
     returns a handle with ``advance(n)`` and ``update(description=..., info=...)``."""
 
-    def __init__(self, transient: bool = True):
+    def __init__(self, transient: bool = True, force: bool = False):
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
@@ -71,7 +71,7 @@ class Progress:
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
             TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True), transient=transient)
+            console=Console(stderr=True, force_terminal=True if force else None), transient=transient)
         self._bar.start()
 
     def task(self, description: str, total: int | None, unit: str = "tokens", info: str = "") -> "_Task":
@@ -111,7 +111,7 @@ def open_progress(enabled: bool | None = None):
     """A Progress when enabled (see the module docstring), else the no-op one."""
     if not is_enabled(enabled):
         return NULL
-    return Progress()
+    return Progress(force=(enabled is True or (enabled is None and _DEFAULT is True)))
 
 
 @contextlib.contextmanager

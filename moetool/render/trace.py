@@ -19,6 +19,8 @@ def render_trace(s: dict) -> None:
     dev = load.get("devices") or {}
     devices = "" if set(dev) == {"cpu"} and dev.get("cpu") == 1 else "; device map: " + ", ".join(
         f"{n} module{'s' if n > 1 else ''} on {d}" for d, n in dev.items())
+    if load.get("streamed"):
+        devices = "; streamed: one decoder layer at a time, read from disk"
     con.print(
         f"[bold]{s['model']}[/]  ({s['family']}, top-{s['top_k']} of {s['num_experts']} experts, "
         f"{len(s['moe_layers'])} MoE layers of {s['num_layers']})"
