@@ -132,12 +132,17 @@ class LayerReader:
         return plan
 
     # -- reading ---------------------------------------------------------------------------------------------------
-    def _read(self, ent):
+    def _read(self, ent, out=None):
+        """ENT's tensor, read into OUT (a contiguous tensor of its dtype and size) when given."""
         import torch
 
         if ent.dtype not in _DTYPES:
             raise MoetoolError(f"{ent.name}: {ent.dtype} tensors cannot be streamed (plain float weights only)")
-        t = torch.empty(ent.shape, dtype=getattr(torch, _DTYPES[ent.dtype]))
+        dtype = getattr(torch, _DTYPES[ent.dtype])
+        if out is not None and out.dtype == dtype and out.numel() == ent.numel and out.is_contiguous():
+            t = out
+        else:
+            t = torch.empty(ent.shape, dtype=dtype)
         view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
         if view is not None:
             fd = os.open(self.path / ent.file, os.O_RDONLY)
@@ -166,11 +171,19 @@ class LayerReader:
             dtype = want.dtype if want.dtype.is_floating_point else None
             if kind == "copy":
                 t = self._read(src)
-            else:
-                if rest[0] == "gate_up_proj":
-                    t = torch.stack([torch.cat([self._read(g), self._read(u)], dim=0) for g, u in src])
-                else:
-                    t = torch.stack([self._read(d) for (d,) in src])
+            else:  # fused in place: each expert's matrices read straight into their slice
+                first = src[0]
+                parts = [e.shape for e in first]
+                rows = sum(p[0] for p in parts)
+                t = torch.empty((len(src), rows, *parts[0][1:]), dtype=getattr(torch, _DTYPES[first[0].dtype]))
+                for e, ents in enumerate(src):
+                    at = 0
+                    for ent in ents:
+                        n = ent.shape[0]
+                        piece = self._read(ent, t[e, at:at + n])
+                        if piece is not None and piece.data_ptr() != t[e, at:at + n].data_ptr():
+                            t[e, at:at + n].copy_(piece)
+                        at += n
             if tuple(t.shape) != tuple(want.shape):
                 if t.dim() == 3 and tuple(t.transpose(1, 2).shape) == tuple(want.shape):
                     t = t.transpose(1, 2).contiguous()
