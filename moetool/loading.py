@@ -288,12 +288,10 @@ def load_model(
     if budget is not None:
         run["activation_budget"] = int(sum(v for k, v in budget.items() if k != "disk"))
     if stream:
-        if load_in_4bit or load_in_8bit:
-            raise MoetoolError("--stream reads plain weights layer by layer; it cannot be combined with "
-                               "--load-in-4bit/--load-in-8bit yet")
         if isinstance(parse_device_map(device_map), dict):
             raise MoetoolError("--stream places each layer itself; give no explicit --device-map")
-        return _load_streamed(model, source, rc, torch_dtype, device_map, trust_remote_code, run)
+        bits = 4 if load_in_4bit else 8 if load_in_8bit else None
+        return _load_streamed(model, source, rc, torch_dtype, device_map, trust_remote_code, run, bits)
     dmap = parse_device_map(device_map)
     if budget is not None:
         _check_devices_exist([k for k in budget if k != "disk"], "--max-memory")
@@ -416,8 +414,11 @@ def _available_memory() -> int | None:
     return free
 
 
-def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote_code: bool, run: dict) -> LoadedModel:
-    """The skeleton of MODEL with a LayerReader (moetool.streaming), and its tokenizer."""
+def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote_code: bool, run: dict,
+                   bits: int | None = None) -> LoadedModel:
+    """The skeleton of MODEL with a LayerReader (moetool.streaming), and its tokenizer. BITS:
+    each layer's fused experts quantized to 4-bit / int8 as it is read (moetool.quant); the
+    rest of the layer stays in the model's dtype."""
     from transformers import AutoTokenizer
 
     from moetool.streaming import load_streamed
@@ -440,6 +441,13 @@ def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote
     loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, source=source, rc=rc, family=rc.family,
                          layer_reader=reader, run_options=run)
     _fill_load_info(loaded)
+    if bits:
+        from moetool import quant
+
+        if bits == 4:
+            quant.require_backend(reader.device)
+        reader.quant_bits = bits
+        loaded.quantization = f"experts-{'nf4' if bits == 4 else 'int8'} (each layer as it is read)"
     loaded.device_map = {reader.prefix: "stream", "": str(reader.device)}
     moe_blocks(loaded)
     return loaded

@@ -58,6 +58,9 @@ class LayerReader:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._prefetch: dict[int, Any] = {}
+        self.quant_bits: int | None = None  # 4 / 8: quantize each layer's experts as it is read (moetool.quant)
+        self.quant_report: dict | None = None
+        self._quantized: dict[int, dict] = {}
 
     # -- the plan: target parameter -> how to build it from disk --------------------------------------
     def _alternatives(self, name: str) -> list[str]:
@@ -225,10 +228,42 @@ class LayerReader:
             tensors = self.read(layer)
         if self.device.type != "cpu":
             tensors = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-        self.layers[layer].load_state_dict(tensors, strict=True, assign=True)
+        module = self.layers[layer]
+        module.load_state_dict(tensors, strict=True, assign=True)
+        del tensors
+        if self.quant_bits:
+            self._quantize(layer, module)
+
+    def _quantize(self, layer: int, module) -> None:
+        """The layer's fused experts to 4-bit / int8 codes (moetool.quant), as --load-in-4bit does."""
+        from moetool import quant
+
+        self._quantized[layer] = {f"{m}.{w}": (tuple(getattr(mod, w).shape), getattr(mod, w).dtype)
+                                  for m, mod, ws in quant.expert_modules(module) for w in ws}
+        rep = quant.quantize_experts(module, bits=self.quant_bits)
+        if self.quant_report is None:
+            self.quant_report = {k: rep.get(k) for k in ("quantization", "bits", "quant_type", "forward")}
+            self.quant_report.update(bytes_before=0, bytes_after=0)
+        self.quant_report["bytes_before"] += rep.get("bytes_before", 0)
+        self.quant_report["bytes_after"] += rep.get("bytes_after", 0)
 
     def free(self, layer: int) -> None:
-        self.layers[layer].to_empty(device="meta")
+        import torch
+
+        module = self.layers[layer]
+        shapes = self._quantized.pop(layer, None)
+        if shapes is not None:  # back to plain meta parameters, so the layer can be read again
+            from moetool import quant
+
+            for mname, mod, wnames in quant.expert_modules(module):
+                for w in wnames:
+                    if w in mod._modules:
+                        del mod._modules[w]
+                        shape, dtype = shapes[f"{mname}.{w}"]
+                        mod.register_parameter(w, torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"),
+                                                                     requires_grad=False))
+                quant._unforce_eager(mod)
+        module.to_empty(device="meta")
 
 
 def load_streamed(source, rc, dtype, device_map=None, trust_remote_code: bool = False):

@@ -319,3 +319,28 @@ def test_resume_without_run_dir_is_a_one_line_error():
     r = run_cli("trace", FIXTURES / "tiny-olmoe", "--prompt", "hi", "--resume")
     assert_one_line_error(r, "--run-dir")
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_streamed_quantized_experts_route_like_the_resident_model_with_quantized_experts(bits):
+    """--stream --load-in-4bit/8bit quantizes each layer's fused experts as it is read
+    (moetool.quant), exactly as quantize_experts does on the whole resident model."""
+    from moetool import quant
+    from moetool.trace import record_trace
+
+    fx = str(FIXTURES / "tiny-qwen3-moe")
+    if bits == 4:
+        try:
+            quant.require_backend("cpu")
+        except Exception as exc:  # noqa: BLE001 - no usable bitsandbytes 4-bit here
+            pytest.skip(str(exc))
+    lm = load_model(fx, stream=True, **{f"load_in_{bits}bit": True})
+    assert lm.quantization.startswith("experts-")
+    got = record_trace(lm, TEXTS, batch_size=2)
+    assert lm.layer_reader.quant_report["bytes_after"] < lm.layer_reader.quant_report["bytes_before"]
+    ref_lm = load_model(fx)
+    quant.quantize_experts(ref_lm.model, bits=bits)
+    ref = record_trace(ref_lm, TEXTS, batch_size=2)
+    _same_routing(ref, got)
+    again = record_trace(lm, TEXTS, batch_size=2)  # layers freed back to meta can be read again
+    _same_routing(ref, again)
