@@ -1,8 +1,8 @@
 """`prune --by reap --file ...` calibration on a Mixtral-shaped bf16 checkpoint larger than this
 machine's RAM (hidden 4096, expert intermediate 14336, 8 experts, 10 layers, small vocabulary:
-about 29 GB in 1 GiB shards, generated into bench/work/stream/ shard by shard and deleted at
+about 29 GB in 1 GiB shards on this 24 GiB machine: as many layers as make it ~10% larger than RAM, generated into bench/work/stream/ shard by shard and deleted at
 the end), streamed layer by layer (`--stream`) vs loaded through accelerate's disk offload
-(`--no-stream --max-memory cpu=BUDGET`), in the same run. Each command runs in a fresh process
+(`--no-stream --max-memory cpu=12GiB`), in the same run. Each command runs in a fresh process
 under a wall-clock cap; measured: wall time, peak RSS (ru_maxrss from wait4), and bytes the
 process read from storage and through read() calls (/proc/PID/io read_bytes and rchar, last
 sample before exit; pages served from the page cache count in rchar, not read_bytes; mmap'd
@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "stream"
 SHARD = 1 << 30
 SMALL = os.environ.get("MOETOOL_BENCH_STREAM_SCALE") == "small"
-LAYERS = int(os.environ.get("MOETOOL_BENCH_STREAM_LAYERS", "3" if SMALL else "10"))
+_RAM = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+_LAYER = 8 * 3 * 4096 * 14336 * 2 + 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024)  # bf16 bytes per full-size layer
+# enough layers that the checkpoint is ~10% larger than this machine's RAM (10 on 24 GiB)
+LAYERS = int(os.environ.get("MOETOOL_BENCH_STREAM_LAYERS", "3" if SMALL else str(-(-int(1.1 * _RAM) // _LAYER))))
 TOKENS = int(os.environ.get("MOETOOL_BENCH_STREAM_TOKENS", "256"))
 CAP_S = int(os.environ.get("MOETOOL_BENCH_STREAM_CAP", "1200"))  # per command
 CPU_BUDGET = os.environ.get("MOETOOL_BENCH_STREAM_CPU", "12GiB" if not SMALL else "600MiB")
@@ -206,18 +209,18 @@ def run() -> list[dict]:
          "alternative": f"accelerate disk offload (--max-memory cpu={CPU_BUDGET}): {res(offload)}",
          "ratio": (f"{offload['seconds'] / stream['seconds']:.2f}x faster" if not offload["timed_out"]
                    and not offload["returncode"] and not stream["returncode"] else "-"),
-         "reproduce": f"`{cmd_s}` vs `{cmd_o}`" + ("" if same is None else
-                                                     f"; REAP scores of layer 0 agree to {same:.1e} (relative)")},
+         "command": f"{cmd_s}  vs  {cmd_o}" + ("" if same is None else
+                                                f"  (REAP scores of layer 0 agree to {same:.1e}, relative)")},
         {"name": "peak RSS (ru_maxrss)", "measured": f"--stream: {stream['maxrss_kib'] / 2**20:.1f} GiB",
          "alternative": f"offload: {offload['maxrss_kib'] / 2**20:.1f} GiB; bound: the process without layers "
                         f"({baseline['maxrss_kib'] / 2**20:.1f} GiB: Python, torch, embeddings, head, tokenizer) + two "
                         f"layers' weights ({2 * info['layer_bytes'] / 2**30:.1f} GiB) + activations "
                         f"({acts / 2**30:.2f} GiB) = {bound / 2**30:.1f} GiB",
          "ratio": f"{stream['maxrss_kib'] * 1024 / bound:.2f}x the two-layer bound",
-         "reproduce": "`MOETOOL_BENCH_STREAM_SCALE= python bench/run.py stream`"},
+         "command": "python bench/run.py stream"},
         {"name": "bytes read by the process (read_bytes from storage / rchar through read calls)",
          "measured": f"--stream: {_gb(stream['read_bytes'])} / {_gb(stream['rchar'])}",
          "alternative": f"offload: {_gb(offload['read_bytes'])} / {_gb(offload['rchar'])} (checkpoint {_gb(info['bytes'])})",
-         "ratio": "-", "reproduce": "`/proc/PID/io` of the command's process"},
+         "ratio": "-", "command": "/proc/PID/io of the command's process, sampled every 0.2 s"},
     ]
     return rows

@@ -10,7 +10,9 @@ An observer declares ``needs_logits``, registers its hooks in ``attach(executor,
 passed decoder layer ``layer`` (``None``: the whole forward / the head, with logits when some
 observer needs them) and ``layer_end(layer)`` once every batch has passed it. ``layer_end`` may
 change the layer's weights (``executor.layer_module(layer)``) and return True: the layer's
-outputs are then recomputed with the changed weights before the next layer runs.
+outputs are then recomputed with the changed weights before the next layer runs. Hooks must
+ignore calls made while ``executor.busy`` is set (the stub passes below, and observers running a
+module themselves); ``executor.current`` is the batch being run, ``executor.layer`` the layer.
 
 Layerwise mode: one forward per batch runs the model's own embedding, mask and position code
 with every decoder layer replaced by a stub that records the arguments the model passes it
@@ -337,11 +339,15 @@ class Executor:
                 raise _Stop
             return hidden
 
-        with self._stubs(stub):
-            try:
-                self.forward(batch, logits=False)
-            except _Stop:
-                pass
+        self.busy = True  # hooks on the layers must not take the stubs' pass for a real one
+        try:
+            with self._stubs(stub):
+                try:
+                    self.forward(batch, logits=False)
+                except _Stop:
+                    pass
+        finally:
+            self.busy = False
         if "h" not in seen or (n - 1) not in seen:
             raise MoetoolError("the model did not call its decoder layers as expected; run it with --no-stream")
         return seen["h"], [seen[i] for i in range(n)]
@@ -408,7 +414,11 @@ class Executor:
             with self._stubs(stub):
                 for b in self.batches:
                     final = store.get(b.index)
-                    out = self.forward(b, logits=True)
+                    self.busy = True
+                    try:
+                        out = self.forward(b, logits=True)
+                    finally:
+                        self.busy = False
                     for o in observers:
                         o.batch_end(b, None, out.logits)
                     del out
