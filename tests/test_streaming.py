@@ -344,3 +344,17 @@ def test_streamed_quantized_experts_route_like_the_resident_model_with_quantized
     _same_routing(ref, got)
     again = record_trace(lm, TEXTS, batch_size=2)  # layers freed back to meta can be read again
     _same_routing(ref, again)
+
+
+def test_resume_refuses_a_checkpoint_of_other_text(tmp_path):
+    from moetool.errors import MoetoolError
+    from moetool.executor import Executor
+    from moetool.observers import RoutingRecorder
+
+    lm = load_model(str(FIXTURES / "tiny-olmoe"), stream=True, run_dir=str(tmp_path))
+    seqs = [lm.tokenizer(t)["input_ids"] for t in TEXTS]
+    Executor(lm, batch_size=2).run(seqs, [RoutingRecorder(lm)])
+    assert list(tmp_path.rglob("state.json"))
+    again = load_model(str(FIXTURES / "tiny-olmoe"), stream=True, run_dir=str(tmp_path), resume=True)
+    with pytest.raises(MoetoolError, match="other text or another model"):
+        Executor(again, batch_size=2).run(seqs[:2], [RoutingRecorder(again)])
