@@ -53,7 +53,8 @@ from moetool.safetensors_header import DTYPE_BYTES, HeaderEntry, checkpoint_file
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
-NOT_COPIED = {INDEX_NAME, "config.json", "README.md", "pytorch_model.bin.index.json"}
+PROVENANCE_NAME = "moetool.json"  # what a moetool output was made from (heal checks --ref against it)
+NOT_COPIED = {INDEX_NAME, "config.json", "README.md", "pytorch_model.bin.index.json", PROVENANCE_NAME}
 COPY_CHUNK = 64 * 2**20
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -654,8 +655,8 @@ def _copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
             skipped.append(p.name + "/")
             continue
         if p.name in NOT_COPIED or p.suffix in WEIGHT_SUFFIXES:
-            # the index, config and model card are written anew; other weight formats would be stale
-            if p.name not in (INDEX_NAME, "config.json", "README.md") and p.suffix != ".safetensors":
+            # the index, config, model card and provenance are written anew; other weight formats would be stale
+            if p.name not in (INDEX_NAME, "config.json", "README.md", PROVENANCE_NAME) and p.suffix != ".safetensors":
                 skipped.append(p.name)
             continue
         shutil.copy2(p, dst / p.name)
@@ -718,6 +719,9 @@ def run_surgery(ckpt: Checkpoint, plan: SurgeryPlan, out: str | Path, force: boo
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copied, skipped = _copy_side_files(ckpt.path, tmp)
         check = _verify_names(ckpt, config, weight_map, tmp)
+        write_provenance(tmp, ckpt, plan.method, {"experts": {str(L): [o.sources for o in outs]
+                                                              for L, outs in sorted(plan.layers.items())}})
+        ckpt.close()
         result = {
             "model": ckpt.name,
             "family": ckpt.family.name,
@@ -774,6 +778,50 @@ def _verify_names(ckpt: Checkpoint, new_config: dict, weight_map: dict, tmp: Pat
         what = f"unexpected {extra[0]}" if extra else f"missing {missing[0]}"
         raise MoetoolError(f"internal: the output does not match the {ckpt.family.name} layout ({what})")
     return "ok"
+
+
+# -- provenance ------------------------------------------------------------------------------------------------
+def fingerprint(ckpt: Checkpoint) -> str:
+    """A cheap identity of a checkpoint: sha256 of its config.json, every tensor's name, dtype and
+    shape, and the bytes of every router tensor (one row per expert: small, and different in any
+    two trained or fine-tuned models of the same shape). Reads a few KB to MB, never the experts."""
+    import torch
+
+    h = hashlib.sha256()
+    h.update((ckpt.path / "config.json").read_bytes())
+    for name in sorted(ckpt.entries):
+        ent = ckpt.entries[name]
+        h.update(f"{name}|{ent.dtype}|{list(ent.shape)}\n".encode())
+    for name in sorted(ckpt.entries):
+        if classify(ckpt, name).kind == "rows":
+            t = ckpt.read(name)
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    """The moetool.json of a checkpoint directory (None when it has none or it is unreadable)."""
+    f = Path(path) / PROVENANCE_NAME
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == "moetool-provenance" else None
+
+
+def write_provenance(directory: Path, source: Checkpoint, method: str, extra: dict | None = None) -> dict:
+    """Write DIRECTORY/moetool.json: which checkpoint this output was made from (its name and
+    fingerprint) and the uncompressed model at the start of the chain (``origin``: the source's
+    own origin when the source is itself a moetool output, else the source)."""
+    from moetool import __version__
+
+    src = {"name": source.name, "fingerprint": fingerprint(source)}
+    before = read_provenance(source.path)
+    origin = before.get("origin") if before and isinstance(before.get("origin"), dict) else src
+    data = {"format": "moetool-provenance", "version": 1, "moetool": __version__, "method": method,
+            "source": src, "origin": origin, **(extra or {})}
+    (Path(directory) / PROVENANCE_NAME).write_text(json.dumps(data, indent=1) + "\n")
+    return data
 
 
 # -- model card --------------------------------------------------------------------------------------------------

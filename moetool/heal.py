@@ -1,0 +1,964 @@
+"""Healing a pruned or merged MoE checkpoint against its original, layer by layer.
+
+After experts are removed or merged the router still scores for the old expert set and the
+surviving experts still produce the outputs they were trained to add to their old partners',
+so each MoE block's output drifts from the original's. Healing repairs, per MoE layer in
+order, what compression left mismatched, from calibration text only (no backpropagation
+through the model):
+
+1. **Inputs and target.** X = the hidden states that reach the block *in the compressed model
+   so far* (earlier layers already healed, so their errors are corrected here rather than
+   compounded); target Y = the ORIGINAL block's output on those same X.
+2. **Router rows** (and a router bias where the family has one, gpt-oss) by a few L-BFGS
+   steps on the block's output error, mean ||block(X) - Y||^2, plus a ridge pulling the rows
+   towards their current values (scaled so that moving the rows by their own norm costs
+   ``router_reg`` times the initial error). The routing weights are differentiable in the
+   rows; which experts are chosen is not, and changes only as a side effect of the weights.
+   DeepSeek's ``e_score_correction_bias`` acts on the choice alone (it has no gradient) and is
+   left as it is.
+3. **Experts' down projections** in closed form, given the (new) routing. With the routing
+   weights w_tk and every expert's intermediate activations a_e(x) = act(gate x) * up x fixed,
+   the routed part of the block's output, sum_k w_tk (D_e a_e(x_t) + b_e), is linear in the
+   down matrices D_e (and biases b_e, gpt-oss), so fitting them to R = Y - (what the block adds
+   besides its routed experts: shared experts) is least squares. It is solved exactly: jointly
+   over all experts of the layer when that system is small, else per expert given the others,
+   swept (block Gauss-Seidel) until the error stops falling; each expert has a ridge towards
+   its current matrix, lambda_e = ``ridge`` x mean eigenvalue of
+   its Gram matrix, so a small calibration set cannot overfit and experts that see few tokens
+   barely move.
+4. A layer whose healed block does worse on its calibration tokens than before is left as it
+   was.
+
+Shared experts, attention, norms and embeddings are never changed.
+
+The driver (:func:`heal_models`) runs both models one decoder layer at a time over all
+calibration batches (``InMemoryLayerwise``: the inputs of every decoder layer's first call are
+captured once from the model's own forward, attention masks and position embeddings
+included, so every family's per-layer masks are exactly transformers'). It holds both models
+in memory; it is written so that a streaming executor's layerwise mode can replace it.
+
+The output is an ordinary checkpoint of the same family and expert count: only the changed
+tensors (router rows, down projections) are written anew, every other tensor is copied byte
+for byte, atomically like every moetool output, with a model card and ``moetool.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moetool.errors import MoetoolError
+
+# transformers 5's fused expert parameters: [E, hidden, inter] or [E, inter, hidden]
+DOWN = "down_proj"
+DOWN_BIAS = "down_proj_bias"
+
+DEFAULT_RIDGE = 0.05
+DEFAULT_ROUTER_STEPS = 20
+DEFAULT_ROUTER_REG = 0.1
+CHUNK_TOKENS = 4096
+TARGETS = ("block", "stream")
+
+
+@dataclass
+class HealOptions:
+    router_steps: int = DEFAULT_ROUTER_STEPS  # L-BFGS iterations on the router rows (0: down projections only)
+    router_reg: float = DEFAULT_ROUTER_REG
+    ridge: float = DEFAULT_RIDGE  # down projections: ridge towards the current matrices
+    sweeps: int = 8  # Gauss-Seidel sweeps over the experts at most
+    down: bool = True  # fit the down projections
+    target: str = "block"  # see heal_models
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# -- the math: pure functions ------------------------------------------------------------------------------
+def fit_down_proj(acts, weights, experts, tokens, target, current, bias=None, ridge: float = DEFAULT_RIDGE,
+                  sweeps: int = 8, tol: float = 1e-5, joint_limit: int = 4096) -> dict:
+    """Least-squares fit of the experts' down projections to a target, given the routing.
+
+    acts [N, I]: the intermediate activations of slot n's expert on its token; weights [N]: the
+    routing weight of the slot; experts [N], tokens [N]: which expert, which token (each token
+    has at most one slot per expert); target [T, H]; current [E, H, I] (output x input) and
+    bias [E, H] or None: the current matrices (and biases), which the ridge pulls towards.
+
+    Minimises sum_t ||target_t - sum_{n: token t} w_n (M_e a_n + b_e)||^2
+    + sum_e lambda_e ||[M_e b_e] - [M0_e b0_e]||^2, lambda_e = ridge x trace(G_e) / dim (G_e: the
+    expert's Gram matrix of weighted activations). Solved exactly and jointly while the experts'
+    matrices have at most JOINT_LIMIT columns side by side, else by exact per-expert solves given
+    the others, swept (block Gauss-Seidel, which converges to the joint solution) until the error
+    falls by less than TOL (relative) or after SWEEPS. Experts with no slot keep their matrices. Returns {"down": [E, H, I], "bias": [E, H] | None, "loss_before",
+    "loss_after", "sweeps", "fitted"} (losses: mean squared error per target element), float64
+    math, results in float32."""
+    import torch
+
+    dd = torch.float64
+    A = acts.to(dd)
+    w = weights.to(dd)
+    ex = experts.long()
+    tk = tokens.long()
+    R = target.to(dd)
+    E, H, I = current.shape
+    with_bias = bias is not None
+    if with_bias:
+        A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=dd)], dim=1)
+        theta0 = torch.cat([current.to(dd), bias.to(dd)[:, :, None]], dim=2)  # [E, H, I+1]
+    else:
+        theta0 = current.to(dd).clone()
+    theta = theta0.clone()
+    d = theta.shape[2]
+    WA = w[:, None] * A  # each slot's weighted activations
+    pred = torch.zeros_like(R)
+    slots = {}
+    for e in range(E):
+        idx = (ex == e).nonzero().reshape(-1)
+        if idx.numel():
+            slots[e] = idx
+            pred.index_add_(0, tk[idx], WA[idx] @ theta[e].T)
+    denom = max(R.numel(), 1)
+    loss_before = float(((R - pred) ** 2).sum()) / denom
+    grams, lams = {}, {}
+    for e, idx in slots.items():
+        G = WA[idx].T @ WA[idx]
+        grams[e] = G
+        lams[e] = ridge * float(torch.trace(G)) / d
+    fitted = [e for e in slots if float(torch.trace(grams[e])) > 0]
+    if fitted and len(fitted) * d <= joint_limit:
+        theta = _joint_solve(WA, ex, tk, R, theta0, fitted, grams, lams)
+        pred = _predict(WA, ex, tk, theta, R.shape)
+        return _fit_result(theta, I, with_bias, loss_before, float(((R - pred) ** 2).sum()) / denom, 0, len(fitted))
+    last = loss_before
+    done = 0
+    for sweep in range(max(1, sweeps)):
+        for e in fitted:
+            idx = slots[e]
+            t = tk[idx]
+            own = WA[idx] @ theta[e].T  # [n, H]
+            resid = R[t] - pred[t] + own
+            C = WA[idx].T @ resid  # [d, H]
+            lhs = grams[e] + lams[e] * torch.eye(d, dtype=dd)
+            rhs = C + lams[e] * theta0[e].T
+            new = torch.linalg.solve(lhs, rhs).T  # [H, d]
+            pred.index_add_(0, t, WA[idx] @ (new - theta[e]).T)
+            theta[e] = new
+        done = sweep + 1
+        loss = float(((R - pred) ** 2).sum()) / denom
+        if last - loss <= tol * max(last, 1e-30):
+            last = loss
+            break
+        last = loss
+    return _fit_result(theta, I, with_bias, loss_before, last, done, len(fitted))
+
+
+def _fit_result(theta, I: int, with_bias: bool, before: float, after: float, sweeps: int, fitted: int) -> dict:
+    import torch
+
+    return {"down": theta[:, :, :I].to(torch.float32), "bias": theta[:, :, I].to(torch.float32) if with_bias else None,
+            "loss_before": before, "loss_after": after, "sweeps": sweeps, "fitted": fitted}
+
+
+def _predict(WA, ex, tk, theta, shape):
+    import torch
+
+    pred = torch.zeros(shape, dtype=theta.dtype)
+    for e in range(theta.shape[0]):
+        idx = (ex == e).nonzero().reshape(-1)
+        if idx.numel():
+            pred.index_add_(0, tk[idx], WA[idx] @ theta[e].T)
+    return pred
+
+
+def _joint_solve(WA, ex, tk, R, theta0, fitted: list[int], grams: dict, lams: dict, chunk: int = 2048):
+    """The exact joint ridge solution over the FITTED experts (their matrices side by side), the
+    normal equations accumulated over token chunks."""
+    import torch
+
+    dd = torch.float64
+    d = WA.shape[1]
+    pos = {e: i for i, e in enumerate(fitted)}
+    n = len(fitted) * d
+    G = torch.zeros(n, n, dtype=dd)
+    C = torch.zeros(n, R.shape[1], dtype=dd)
+    col = torch.tensor([pos.get(int(e), -1) for e in range(theta0.shape[0])])[ex]
+    keep = col >= 0
+    for a in range(0, R.shape[0], chunk):
+        sel = keep & (tk >= a) & (tk < a + chunk)
+        rows = tk[sel] - a
+        m = min(chunk, R.shape[0] - a)
+        Z = torch.zeros(m, n, dtype=dd)
+        c = col[sel]
+        offs = c[:, None] * d + torch.arange(d)[None, :]
+        Z[rows[:, None].expand_as(offs), offs] = WA[sel]
+        G += Z.T @ Z
+        C += Z.T @ R[a:a + m]
+    for e in fitted:
+        i = pos[e] * d
+        G[i:i + d, i:i + d] += lams[e] * torch.eye(d, dtype=dd)
+        C[i:i + d] += lams[e] * theta0[e].T
+    sol = torch.linalg.solve(G, C)  # [n, H]
+    theta = theta0.clone()
+    for e in fitted:
+        theta[e] = sol[pos[e] * d:(pos[e] + 1) * d].T
+    return theta
+
+
+
+
+def fit_router(loss_fn, params: list, steps: int, reg: float) -> dict:
+    """A few L-BFGS iterations (strong Wolfe line search) on LOSS_FN() + ridge, over PARAMS (the
+    router's rows, and bias), in place. LOSS_FN computes the block's output error and calls
+    backward itself (it may work in chunks) and returns the loss as a float. The ridge is
+    reg x loss0 x sum ||p - p0||^2 / ||p0||^2: moving the rows by their own norm costs REG times
+    the initial error. The parameters are restored when the fit ends worse than it began.
+    Returns {"loss_before", "loss_after", "evaluations", "kept"}."""
+    import torch
+
+    p0 = [p.detach().clone() for p in params]
+    norms = [max(float(p.pow(2).sum()), 1e-30) for p in p0]
+    for p in params:
+        p.grad = None
+    loss0 = loss_fn()
+    for p in params:
+        p.grad = None
+    if steps <= 0 or loss0 == 0.0:
+        return {"loss_before": loss0, "loss_after": loss0, "evaluations": 1, "kept": False}
+    scale = reg * loss0
+    evals = [0]
+
+    def closure():
+        for p in params:
+            p.grad = None
+        total = loss_fn()
+        penalty = 0.0
+        for p, q, n in zip(params, p0, norms):
+            diff = p - q
+            pen = scale * diff.pow(2).sum() / n
+            pen.backward()
+            penalty += float(pen.detach())
+        evals[0] += 1
+        return torch.tensor(total + penalty, dtype=torch.float64)
+
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=10, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-12)
+    opt.step(closure)
+    for p in params:
+        p.grad = None
+    loss1 = loss_fn()
+    for p in params:
+        p.grad = None
+    kept = loss1 < loss0
+    if not kept:
+        with torch.no_grad():
+            for p, q in zip(params, p0):
+                p.copy_(q)
+        loss1 = loss0
+    return {"loss_before": loss0, "loss_after": loss1, "evaluations": evals[0] + 2, "kept": bool(kept)}
+
+
+# -- one block --------------------------------------------------------------------------------------------------
+def _block_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_block(block, x, grad: bool = False):
+    """BLOCK on X [T, H] (as one sequence), in chunks; [T, H]."""
+    import torch
+
+    outs = []
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        for a in range(0, x.shape[0], CHUNK_TOKENS):
+            outs.append(_block_out(block(x[a:a + CHUNK_TOKENS][None]))[0])
+    return torch.cat(outs)
+
+
+class _RoutingProbe:
+    """Hooks on a block's experts module: the (indices, weights) it was called with and what it
+    returned, so that the rest of the block's output (shared experts) is known."""
+
+    def __init__(self, experts):
+        self.experts = experts
+        self.idx, self.w, self.out = [], [], []
+
+    def __enter__(self):
+        self.h1 = self.experts.register_forward_pre_hook(self._pre, with_kwargs=True)
+        self.h2 = self.experts.register_forward_hook(self._post)
+        return self
+
+    def __exit__(self, *exc):
+        self.h1.remove()
+        self.h2.remove()
+
+    def _pre(self, module, args, kwargs):
+        values = list(args) + list(kwargs.values())
+        if len(values) < 3:
+            raise MoetoolError("the experts module was not called with (hidden, indices, weights)")
+        n = values[0].reshape(-1, values[0].shape[-1]).shape[0]
+        self.idx.append(values[1].reshape(n, -1).detach().long())
+        self.w.append(values[2].reshape(n, -1).detach().float())
+
+    def _post(self, module, args, output):
+        out = _block_out(output)
+        self.out.append(out.reshape(-1, out.shape[-1]).detach().float())
+
+
+def down_orientation(experts, hidden: int, inter: int, sample) -> str:
+    """How the experts module holds its down projections: "out_in" ([E, hidden, inter], used as
+    a linear layer's weight) or "in_out" ([E, inter, hidden], multiplied from the right). From the
+    shape, or (hidden == inter) by a probe on SAMPLE tokens."""
+    import torch
+
+    down = getattr(experts, DOWN, None)
+    if down is None or down.dim() != 3:
+        raise MoetoolError(f"the experts module has no fused 3-D `{DOWN}` (transformers 5 layout); cannot heal")
+    shape = tuple(down.shape[1:])
+    if hidden != inter:
+        if shape == (hidden, inter):
+            return "out_in"
+        if shape == (inter, hidden):
+            return "in_out"
+        raise MoetoolError(f"`{DOWN}` has shape {list(down.shape)}, expected hidden {hidden} and intermediate {inter}")
+    # square: route a probe token through expert 0 with a one-entry matrix
+    a = expert_activations(experts, sample[:1], 0, hidden, inter, "out_in")  # identity: either orientation
+    probe = torch.zeros(hidden, inter, dtype=down.dtype)
+    probe[0, 1] = 1.0
+    y = _with_down(experts, 0, probe, lambda: _call_expert(experts, sample[:1], 0))
+    if torch.allclose(y[0, 0], a[0, 1].to(y.dtype), rtol=1e-3, atol=1e-6) and float(a[0, 1].abs()) > 0:
+        return "out_in"
+    return "in_out"
+
+
+def _call_expert(experts, x, e: int):
+    import torch
+
+    n = x.shape[0]
+    idx = torch.full((n, 1), e, dtype=torch.long, device=x.device)
+    ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
+    return _block_out(experts(x, idx, ones))
+
+
+def _with_down(experts, e: int, matrix, fn):
+    """Run FN with expert E's down matrix replaced by MATRIX (as stored) and its bias zeroed."""
+    import torch
+
+    down = getattr(experts, DOWN)
+    bias = getattr(experts, DOWN_BIAS, None)
+    with torch.no_grad():
+        saved = down.data[e].clone()
+        saved_b = bias.data[e].clone() if bias is not None else None
+        down.data[e].copy_(matrix.to(down.dtype))
+        if bias is not None:
+            bias.data[e].zero_()
+        try:
+            return fn()
+        finally:
+            down.data[e].copy_(saved)
+            if bias is not None:
+                bias.data[e].copy_(saved_b)
+
+
+def expert_activations(experts, x, e: int, hidden: int, inter: int, orientation: str):
+    """Expert E's intermediate activations on tokens X [n, hidden] -> [n, inter] (float32): the
+    experts module itself run with E's down projection replaced by a selector of ``hidden``
+    activations at a time (bias zeroed), so every family's own activation function is used."""
+    import torch
+
+    parts = []
+    with torch.no_grad():
+        for c in range(0, inter, hidden):
+            width = min(hidden, inter - c)
+            sel = torch.zeros(hidden, inter)
+            sel[torch.arange(width), c + torch.arange(width)] = 1.0
+            stored = sel if orientation == "out_in" else sel.T
+            outs = []
+            for a in range(0, x.shape[0], CHUNK_TOKENS):
+                outs.append(_with_down(experts, e, stored, lambda: _call_expert(experts, x[a:a + CHUNK_TOKENS], e)))
+            parts.append(torch.cat(outs)[:, :width].float())
+    return torch.cat(parts, dim=1)
+
+
+def _router_params(router) -> list:
+    return [p for _, p in router.named_parameters()]
+
+
+def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: HealOptions) -> dict:
+    """Heal one MoE block in place so that its output on the calibration inputs X [T, hidden]
+    approaches the target Y [T, hidden]: router rows, then down projections (see the module
+    docstring). Returns what was done and the block's output error before and after (mean
+    squared error per element, and relative to the target's mean square)."""
+    import torch
+
+    started = time.perf_counter()
+    x = x.detach()
+    y = y.detach().float()
+    ref_power = float((y ** 2).mean())
+    before = float(((run_block(block, x).float() - y) ** 2).mean())
+    info: dict[str, Any] = {"tokens": int(x.shape[0]), "mse_before": before,
+                            "relative_before": before / max(ref_power, 1e-30)}
+    params = _router_params(router)
+    saved_router = [p.detach().clone() for p in params]
+    down = getattr(experts, DOWN, None)
+    bias = getattr(experts, DOWN_BIAS, None)
+    saved_down = down.detach().clone() if down is not None else None
+    saved_bias = bias.detach().clone() if bias is not None else None
+
+    # 1. router rows
+    if opts.router_steps > 0 and params:
+        frozen = [(p, p.requires_grad) for p in block.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        denom = float(y.numel())
+
+        def loss_fn() -> float:
+            total = 0.0
+            with torch.enable_grad():
+                for a in range(0, x.shape[0], CHUNK_TOKENS):
+                    out = _block_out(block(x[a:a + CHUNK_TOKENS][None]))[0].float()
+                    loss = ((out - y[a:a + CHUNK_TOKENS]) ** 2).sum() / denom
+                    loss.backward()
+                    total += float(loss.detach())
+            return total
+
+        try:
+            info["router"] = fit_router(loss_fn, params, opts.router_steps, opts.router_reg)
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+    # 2. down projections, given the routing
+    if opts.down and down is not None:
+        orientation = down_orientation(experts, hidden, inter, x)
+        with _RoutingProbe(experts) as probe:
+            full = run_block(block, x).float()
+        idx, w = torch.cat(probe.idx), torch.cat(probe.w)
+        rest = full - torch.cat(probe.out)  # shared experts and anything else the block adds
+        target = y - rest
+        E = down.shape[0]
+        T, k = idx.shape
+        tok = torch.arange(T)[:, None].expand(T, k).reshape(-1)
+        ex, wt = idx.reshape(-1), w.reshape(-1)
+        ok = (ex >= 0) & (ex < E)
+        tok, ex, wt = tok[ok], ex[ok], wt[ok]
+        acts = torch.zeros(ex.numel(), inter)
+        for e in range(E):
+            sl = (ex == e).nonzero().reshape(-1)
+            if sl.numel():
+                acts[sl] = expert_activations(experts, x[tok[sl]], e, hidden, inter, orientation)
+        current = down.detach().float()
+        if orientation == "in_out":
+            current = current.transpose(1, 2)
+        fit = fit_down_proj(acts, wt, ex, tok, target, current, None if bias is None else bias.detach().float(),
+                            ridge=opts.ridge, sweeps=opts.sweeps)
+        new = fit["down"] if orientation == "out_in" else fit["down"].transpose(1, 2)
+        with torch.no_grad():
+            down.copy_(new.to(down.dtype))
+            if bias is not None:
+                bias.copy_(fit["bias"].to(bias.dtype))
+        info["down"] = {k2: fit[k2] for k2 in ("loss_before", "loss_after", "sweeps", "fitted")}
+        info["down"]["orientation"] = orientation
+    after = float(((run_block(block, x).float() - y) ** 2).mean())
+    if after >= before:  # never worse on the calibration tokens
+        with torch.no_grad():
+            for p, q in zip(params, saved_router):
+                p.copy_(q)
+            if saved_down is not None:
+                down.copy_(saved_down)
+            if saved_bias is not None:
+                bias.copy_(saved_bias)
+        after = before
+        info["reverted"] = True
+    else:
+        info["reverted"] = False
+    info["mse_after"] = after
+    info["relative_after"] = after / max(ref_power, 1e-30)
+    info["seconds"] = round(time.perf_counter() - started, 3)
+    return info
+
+
+# -- calibration tokens ------------------------------------------------------------------------------------------
+def calibration_ids(tokenizer, texts: list[str], max_tokens: int | None) -> list[list[int]]:
+    """Token ids of TEXTS as `moetool trace` tokenizes them (special tokens included), capped at
+    MAX_TOKENS in input order."""
+    seqs, left = [], max_tokens
+    for t in texts:
+        ids = list(tokenizer(t, add_special_tokens=True)["input_ids"])
+        if left is not None:
+            ids = ids[:left]
+            left -= len(ids)
+        if ids:
+            seqs.append(ids)
+        if left is not None and left <= 0:
+            break
+    if not seqs:
+        raise MoetoolError("no calibration tokens: the text is empty")
+    return seqs
+
+
+def make_batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[tuple]:
+    """[(input_ids [B, S], attention_mask [B, S])], similar lengths together, right-padded."""
+    import torch
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = []
+    for a in range(0, len(order), batch_size):
+        rows = [seqs[i] for i in order[a:a + batch_size]]
+        S = max(len(r) for r in rows)
+        ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), S), dtype=torch.long)
+        for r, s in enumerate(rows):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        out.append((ids, mask))
+    return out
+
+
+# -- the layer-by-layer driver -------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model, blocks) -> list:
+    """The model's decoder layers (the ModuleList that holds the first MoE block's layer)."""
+    import torch
+
+    names = {id(m): n for n, m in model.named_modules()}
+    L, block = blocks[0][0], blocks[0][1]
+    parts = names[id(block)].split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == str(L):
+            holder = model.get_submodule(".".join(parts[:i]))
+            if isinstance(holder, torch.nn.ModuleList):
+                return list(holder)
+    raise MoetoolError("cannot find the model's decoder layers")
+
+
+class InMemoryLayerwise:
+    """Runs a model one decoder layer at a time over all calibration batches, the model held in
+    memory. ``start`` runs the model's own forward once per batch, stopping at the last decoder
+    layer, and keeps what every decoder layer was called with (hidden states of the first;
+    attention mask, position embeddings and the rest of the keyword arguments of each: gpt-oss's
+    sliding and full-attention layers get different masks). Then ``run_layer(i)`` advances the
+    hidden states of every batch through layer i. (A stand-in for the streaming executor's
+    layerwise mode.)"""
+
+    def __init__(self, model, layers: list, batches: list[tuple], device):
+        self.model, self.layers, self.batches, self.device = model, layers, batches, device
+        self.hidden: list = []
+        self.kwargs: list[list[dict]] = [[] for _ in layers]
+
+    def start(self) -> None:
+        import torch
+
+        handles = []
+        last = len(self.layers) - 1
+
+        def pre(i):
+            def hook(module, args, kwargs):
+                kw = dict(kwargs)
+                h = args[0] if args else kw.pop("hidden_states")
+                if args[1:]:
+                    raise MoetoolError("decoder layers called with positional arguments beyond the hidden states")
+                self.kwargs[i].append(kw)
+                if i == 0:
+                    self.hidden.append(h.detach())
+                if i == last:
+                    raise _Stop
+
+            return hook
+
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+        base = self.model.base_model
+        try:
+            with torch.no_grad():
+                for ids, mask in self.batches:
+                    try:
+                        base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(self.hidden) != len(self.batches) or any(len(k) != len(self.batches) for k in self.kwargs):
+            raise MoetoolError("could not capture every decoder layer's inputs")
+
+    def valid(self, b: int):
+        return self.batches[b][1].reshape(-1).bool()
+
+    def block_inputs(self, i: int, block) -> Any:
+        """What BLOCK (inside layer i) receives for every real token of every batch: [T, H]."""
+        import torch
+
+        got = []
+
+        def hook(module, args):
+            got.append(args[0].detach())
+            raise _Stop
+
+        handle = block.register_forward_pre_hook(hook)
+        xs = []
+        try:
+            with torch.no_grad():
+                for b, h in enumerate(self.hidden):
+                    got.clear()
+                    try:
+                        self.layers[i](h, **self.kwargs[i][b])
+                    except _Stop:
+                        pass
+                    x = got[0].reshape(-1, got[0].shape[-1])
+                    xs.append(x[self.valid(b).to(x.device)])
+        finally:
+            handle.remove()
+        return torch.cat(xs)
+
+    def block_io(self, i: int, block) -> tuple:
+        """Layer i run on every batch: what BLOCK receives, and the rest of the layer's output
+        (the layer's output minus the block's: the residual stream before the block), for every
+        real token: ([T, H], [T, H])."""
+        import torch
+
+        got: dict = {}
+
+        def pre(module, args):
+            got["x"] = args[0].detach()
+
+        def post(module, args, output):
+            got["y"] = _block_out(output).detach()
+
+        handles = [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+        xs, rest = [], []
+        try:
+            with torch.no_grad():
+                for b, h in enumerate(self.hidden):
+                    out = self.layers[i](h, **self.kwargs[i][b])
+                    out = out[0] if isinstance(out, tuple) else out
+                    v = self.valid(b).to(out.device)
+                    H = out.shape[-1]
+                    xs.append(got["x"].reshape(-1, H)[v])
+                    rest.append((out.reshape(-1, H) - got["y"].reshape(-1, H))[v])
+        finally:
+            for hd in handles:
+                hd.remove()
+        return torch.cat(xs), torch.cat(rest)
+
+    def hidden_tokens(self):
+        """The current hidden states of every real token: [T, H]."""
+        import torch
+
+        return torch.cat([h.reshape(-1, h.shape[-1])[self.valid(b).to(h.device)] for b, h in enumerate(self.hidden)])
+
+    def run_layer(self, i: int) -> None:
+        import torch
+
+        with torch.no_grad():
+            for b, h in enumerate(self.hidden):
+                out = self.layers[i](h, **self.kwargs[i][b])
+                self.hidden[b] = out[0] if isinstance(out, tuple) else out
+
+
+def heal_models(ref_loaded, loaded, batches: list[tuple], opts: HealOptions, log=None) -> list[dict]:
+    """Heal LOADED (the compressed model, in place) against REF_LOADED (its original) on the
+    calibration BATCHES, one decoder layer at a time. Returns one row per MoE layer.
+
+    The target of each block (``opts.target``): ``block`` = the original block's output on the
+    compressed model's inputs; ``stream`` = what would bring the compressed model's hidden
+    states after the layer to the original model's (the original's next hidden states minus
+    the compressed layer's residual stream before the block), which also asks the block to undo
+    the error of earlier layers."""
+    from moetool.loading import moe_blocks
+
+    if opts.target not in TARGETS:
+        raise MoetoolError(f"--target {opts.target}: choose from {', '.join(TARGETS)}")
+    blocks = moe_blocks(loaded)
+    ref_blocks = {L: blk for L, blk, _r, _e in moe_blocks(ref_loaded)}
+    layers = decoder_layers(loaded.model, blocks)
+    runner = InMemoryLayerwise(loaded.model, layers, batches, loaded.input_device)
+    runner.start()
+    ref_runner = None
+    if opts.target == "stream":
+        ref_runner = InMemoryLayerwise(ref_loaded.model, decoder_layers(ref_loaded.model, moe_blocks(ref_loaded)),
+                                       batches, ref_loaded.input_device)
+        ref_runner.start()
+    by_layer = {L: (blk, router, experts) for L, blk, router, experts in blocks}
+    H = int(loaded.rc.fields["hidden_size"])
+    rows = []
+    for i in range(len(layers)):
+        if ref_runner is not None:
+            ref_runner.run_layer(i)
+        if i in by_layer:
+            blk, router, experts = by_layer[i]
+            inter = _intermediate(experts, H)
+            if ref_runner is not None:
+                x, rest = runner.block_io(i, blk)
+                y = ref_runner.hidden_tokens().to(rest.device) - rest
+            else:
+                x = runner.block_inputs(i, blk)
+                y = run_block(ref_blocks[i], x)
+            info = heal_block(blk, router, experts, x, y, H, inter, opts)
+            info["layer"] = i
+            rows.append(info)
+            if log:
+                log(f"layer {i}: block error {info['relative_before']:.4f} -> {info['relative_after']:.4f} "
+                    f"(relative), {info['seconds']:.1f} s")
+        if i < len(layers) - 1:
+            runner.run_layer(i)
+    return rows
+
+
+def _intermediate(experts, hidden: int) -> int:
+    down = getattr(experts, DOWN, None)
+    if down is None or down.dim() != 3:
+        raise MoetoolError(f"the experts module has no fused 3-D `{DOWN}` (transformers 5 layout); cannot heal")
+    a, b = int(down.shape[1]), int(down.shape[2])
+    return b if a == hidden else a
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+@dataclass
+class _Target:
+    layer: int
+    module: str  # "router" | "experts"
+    attr: str
+    expert: int | None = None  # per-expert on-disk tensor: which expert of the fused in-memory one
+    transpose: bool = False  # on disk = in memory with the last two dims swapped
+
+
+def write_plan(ckpt, loaded) -> dict[str, _Target]:
+    """For every on-disk tensor that healing may change (router rows, routed experts' down
+    projections and their biases), where its value lives in the loaded model, checked against
+    the bytes on disk (so a layout this code does not understand fails here, before any work)."""
+    import torch
+
+    from moetool.loading import moe_blocks
+    from moetool.surgery import classify
+
+    mods = {L: {"router": r, "experts": e} for L, _b, r, e in moe_blocks(loaded)}
+    plan: dict[str, _Target] = {}
+    for name, ent in ckpt.entries.items():
+        kind = classify(ckpt, name)
+        if kind.layer not in mods or kind.kind not in ("rows", "expert", "fused"):
+            continue
+        attr = name.rsplit(".", 1)[1]
+        if kind.kind == "rows":
+            t = _Target(kind.layer, "router", attr)
+        elif kind.kind == "expert":
+            if kind.proj != "down":
+                continue
+            t = _Target(kind.layer, "experts", DOWN, expert=kind.expert)
+        else:
+            if attr not in (DOWN, DOWN_BIAS):
+                continue
+            t = _Target(kind.layer, "experts", attr)
+        mem = getattr(mods[t.layer][t.module], t.attr, None)
+        if mem is None:
+            if t.module == "router":
+                continue  # not a tensor healing touches
+            raise MoetoolError(f"{name}: no `{t.attr}` in the loaded model's experts module")
+        if ent.dtype not in ("F64", "F32", "F16", "BF16"):
+            raise MoetoolError(f"{name} is {ent.dtype}: healing refits weights and needs float tensors "
+                               "(dequantize the checkpoint first)")
+        value = mem.detach()[t.expert] if t.expert is not None else mem.detach()
+        disk = ckpt.read(name).to(torch.float32)
+        value = value.to(torch.float32)
+        if tuple(value.shape) == tuple(disk.shape) and torch.equal(value.to(disk.dtype), disk):
+            pass
+        elif value.dim() >= 2 and tuple(value.transpose(-1, -2).shape) == tuple(disk.shape) \
+                and torch.equal(value.transpose(-1, -2), disk):
+            t.transpose = True
+        else:
+            raise MoetoolError(f"internal: cannot map {name} to the loaded model's `{t.attr}` (values differ)")
+        plan[name] = t
+    return plan
+
+
+def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int], out: Path, force: bool,
+                 card: str, provenance: dict) -> dict:
+    """Write the healed checkpoint to OUT: the tensors of PLAN in HEALED_LAYERS from the loaded
+    model, every other tensor copied byte for byte from CKPT; same shard files, index, config
+    and side files; README.md = CARD; moetool.json = PROVENANCE. Atomic."""
+    import json
+
+    from moetool.loading import moe_blocks
+    from moetool.surgery import (INDEX_NAME, PROVENANCE_NAME, OutTensor, _copy_side_files, _copy_tensor,
+                                 atomic_output_dir, check_disk_space, torch_dtype, write_safetensors,
+                                 write_tensor_bytes)
+
+    mods = {L: {"router": r, "experts": e} for L, _b, r, e in moe_blocks(loaded)}
+    rewritten = 0
+    shards = []
+    for path in ckpt.files:
+        tensors = []
+        for ent in ckpt.file_entries[path]:
+            t = plan.get(ent.name)
+            if t is None or t.layer not in healed_layers:
+                tensors.append(_copy_tensor(ckpt, ent, ent.name))
+                continue
+            mem = getattr(mods[t.layer][t.module], t.attr).detach()
+            value = mem[t.expert] if t.expert is not None else mem
+            if t.transpose:
+                value = value.transpose(-1, -2)
+            value = value.to(torch_dtype(ent.dtype)).contiguous()
+
+            def write(fd, value=value):
+                write_tensor_bytes(fd, value)
+
+            tensors.append(OutTensor(ent.name, ent.dtype, ent.shape, ent.nbytes, write, ent.nbytes))
+            rewritten += 1
+        shards.append((path, tensors))
+    total = sum(t.nbytes for _, ts in shards for t in ts)
+    check_disk_space(out.resolve().parent, total + 2**20)
+    files = []
+    with atomic_output_dir(out, force) as tmp:
+        weight_map = {}
+        try:
+            for path, tensors in shards:
+                meta = dict(ckpt.file_metadata.get(path) or {})
+                meta["format"] = meta.get("format", "pt")
+                size = write_safetensors(tmp / path.name, tensors, meta)
+                files.append({"file": path.name, "bytes": size, "tensors": len(tensors)})
+                weight_map.update({t.name: path.name for t in tensors})
+        finally:
+            ckpt.close()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_bytes((ckpt.path / "config.json").read_bytes())
+        copied, skipped = _copy_side_files(ckpt.path, tmp)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=1) + "\n")
+        (tmp / "README.md").write_text(card)
+    return {"files": files, "tensors_rewritten": rewritten, "tensors_copied": len(ckpt.entries) - rewritten,
+            "bytes": total, "copied_files": copied, "skipped_files": skipped}
+
+
+# -- provenance ----------------------------------------------------------------------------------------------------
+def check_ref(compressed, ref) -> dict:
+    """Refuse a REF that is not what COMPRESSED (a moetool output) was made from: its recorded
+    source or origin fingerprint must be REF's. Returns the compressed model's provenance."""
+    from moetool.surgery import PROVENANCE_NAME, fingerprint, read_provenance
+
+    prov = read_provenance(compressed.path)
+    if prov is None:
+        raise MoetoolError(f"{compressed.name}: no {PROVENANCE_NAME} (not written by moetool prune / merge-experts), "
+                           "so --ref cannot be checked to be its original")
+    fp = fingerprint(ref)
+    ref.close()
+    recorded = [x for x in (prov.get("source"), prov.get("origin")) if isinstance(x, dict)]
+    if not any(x.get("fingerprint") == fp for x in recorded):
+        names = " or ".join(dict.fromkeys(f"`{x.get('name')}`" for x in recorded))
+        raise MoetoolError(f"--ref {ref.name} is not the model {compressed.name} was made from (it was made from "
+                           f"{names}; fingerprints differ)")
+    return prov
+
+
+# -- the command's library function -------------------------------------------------------------------------------
+def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: int | None = None,
+                    batch_size: int = 8, options: HealOptions | None = None, force: bool = False,
+                    load_options: dict | None = None, progress: bool = True, log=None) -> dict:
+    """Heal COMPRESSED (a moetool prune / merge-experts output) against REF (the model it was made
+    from) on the calibration text FILE and write the result to OUT. Returns plain data."""
+    from moetool.loading import load_model
+    from moetool.prune import file_digest
+    from moetool.surgery import Checkpoint, check_output, fingerprint
+    from moetool.trace import read_texts
+
+    started = time.perf_counter()
+    opts = options or HealOptions()
+    if opts.router_steps < 0 or opts.ridge < 0 or opts.router_reg < 0 or opts.sweeps < 1:
+        raise MoetoolError("--router-steps, --ridge and --router-reg must be >= 0")
+    ckpt = Checkpoint(compressed)
+    ref_ckpt = Checkpoint(ref)
+    check_output(out, [ckpt.path, ref_ckpt.path], force)
+    prov = check_ref(ckpt, ref_ckpt)
+    rc, rrc = ckpt.rc, ref_ckpt.rc
+    if rc.family.name != rrc.family.name or list(rc.moe_layers) != list(rrc.moe_layers) \
+            or rc.num_layers != rrc.num_layers:
+        raise MoetoolError(f"{compressed} and --ref {ref} do not have the same family and layers")
+    if not rc.moe_layers:
+        raise MoetoolError(f"{compressed}: no MoE layers to heal")
+    texts = read_texts((), file)
+    load_options = dict(load_options or {})
+    loaded = load_model(compressed, **load_options)
+    ref_loaded = load_model(ref, **load_options)
+    try:
+        plan = write_plan(ckpt, loaded)
+        if loaded.tokenizer is None:
+            raise MoetoolError(f"{compressed}: no tokenizer in this checkpoint; cannot read the calibration text")
+        seqs = calibration_ids(loaded.tokenizer, texts, max_tokens)
+        from moetool.trace import _pad_id
+
+        batches = make_batches(seqs, batch_size, _pad_id(loaded))
+        t0 = time.perf_counter()
+        layers = heal_models(ref_loaded, loaded, batches, opts, log=log)
+        fit_seconds = time.perf_counter() - t0
+        healed = {r["layer"] for r in layers if not r["reverted"]}
+        tokens = sum(len(s) for s in seqs)
+        calibration = {"file": str(file), "sha256": file_digest(file), "tokens": tokens, "texts": len(seqs)}
+        if max_tokens is not None:
+            calibration["max_tokens"] = int(max_tokens)
+        provenance = {**prov, "method": "heal", "healed": {
+            "from": {"name": compressed, "fingerprint": fingerprint(ckpt)},
+            "ref": {"name": ref, "fingerprint": (prov.get("origin") or prov.get("source") or {}).get("fingerprint")},
+            "calibration": calibration, "options": opts.as_dict()}}
+        from moetool import __version__
+
+        provenance["moetool"] = __version__
+        result = {"model": compressed, "ref": ref, "out": str(out), "family": rc.family.name,
+                  "num_experts": int(rc.num_experts), "calibration": calibration, "options": opts.as_dict(),
+                  "layers": layers, "fit_seconds": round(fit_seconds, 3)}
+        card = _card(result, ckpt)
+        written = write_healed(ckpt, loaded, plan, healed, Path(out), force, card, provenance)
+    finally:
+        del loaded, ref_loaded
+        gc.collect()
+    result.update(written)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _card(result: dict, ckpt) -> str:
+    from moetool import __version__
+
+    cal = result["calibration"]
+    o = result["options"]
+    lines = ["---", f"base_model: {result['ref']}", "tags:", "- moetool", "- heal", "- mixture-of-experts", "---", "",
+             f"# {Path(result['out']).name}: healed",
+             "",
+             f"`{result['model']}` (a compressed {result['family']} checkpoint, {result['num_experts']} routed experts "
+             f"per MoE layer) healed by moetool against its original `{result['ref']}`: each MoE layer in turn, on the "
+             "hidden states that reach it in the healed model so far, the router rows were refitted by "
+             f"{o['router_steps']} L-BFGS steps and the experts' down projections by ridge least squares "
+             f"(ridge {o['ridge']}) so that the block's output matches the original block's on the same inputs. "
+             "Shared experts, attention, embeddings and norms are unchanged; so are the expert count and config.",
+             "",
+             f"- Written by: moetool {__version__} (`moetool heal`)",
+             f"- Calibration text: `{cal['file']}` (sha256 `{cal['sha256'][:16]}...`), {cal['tokens']:,} tokens "
+             f"in {cal['texts']} texts",
+             f"- Fitting: {result['fit_seconds']:.1f} s",
+             "",
+             "## Block output error per MoE layer",
+             "",
+             "Mean squared error of the block's output against the original block's on the calibration tokens, "
+             "relative to the mean square of the original block's output.",
+             "",
+             "| layer | before | after | router steps kept | down-projection sweeps |",
+             "|---:|---:|---:|---|---:|"]
+    for r in result["layers"]:
+        router = r.get("router") or {}
+        down = r.get("down") or {}
+        lines.append(f"| {r['layer']} | {r['relative_before']:.4f} | {r['relative_after']:.4f} | "
+                     f"{'reverted' if r['reverted'] else ('yes' if router.get('kept') else 'no')} | "
+                     f"{down.get('sweeps', '-')} |")
+    previous = (ckpt.path / "README.md")
+    if previous.is_file():
+        body = previous.read_text()
+        m = re.match(r"^---\n.*?\n---\n", body, flags=re.S)
+        body = body[m.end():] if m else body
+        lines += ["", "## How the compressed model was made", "", body.strip().replace("\n# ", "\n### ", 1)]
+    lines += ["", "Loads with `transformers.AutoModelForCausalLM.from_pretrained` (no custom code).", ""]
+    return "\n".join(lines)
+

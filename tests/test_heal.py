@@ -1,0 +1,288 @@
+"""moetool heal: the least-squares fit, the layer-by-layer driver against the model's own
+forward, healing every fixture family, provenance checks, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES, TINY, assert_one_line_error, run_cli
+
+CALIB = FIXTURES / "corpus" / "train-prose.txt"
+FAST = dict(router_steps=3)
+
+
+def _calib(tmp_path: Path, chars: int = 6000) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(CALIB.read_text()[:chars])
+    return path
+
+
+def _tensors(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# -- the math -------------------------------------------------------------------------------------------
+def _routed_problem(seed=0, T=400, H=12, I=6, E=5, k=2, bias=True):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    acts = torch.randn(T * k, I, generator=g)
+    tok = torch.arange(T)[:, None].expand(T, k).reshape(-1)
+    ex, wt = idx.reshape(-1), w.reshape(-1)
+    true_m, true_b = torch.randn(E, H, I, generator=g), torch.randn(E, H, generator=g)
+    target = torch.zeros(T, H)
+    contrib = torch.einsum("nhi,ni->nh", true_m[ex], acts) + (true_b[ex] if bias else 0)
+    target.index_add_(0, tok, wt[:, None] * contrib)
+    return acts, wt, ex, tok, target, true_m, true_b
+
+
+def test_fit_down_proj_recovers_the_map_and_both_solvers_agree():
+    import torch
+
+    from moetool.heal import fit_down_proj
+
+    acts, wt, ex, tok, target, true_m, true_b = _routed_problem()
+    start_m, start_b = torch.zeros_like(true_m), torch.zeros_like(true_b)
+    joint = fit_down_proj(acts, wt, ex, tok, target, start_m, start_b, ridge=1e-8)
+    swept = fit_down_proj(acts, wt, ex, tok, target, start_m, start_b, ridge=1e-8, joint_limit=0, sweeps=400, tol=0)
+    assert joint["loss_after"] < 1e-9 * joint["loss_before"]
+    assert torch.allclose(joint["down"], true_m, atol=1e-4) and torch.allclose(joint["bias"], true_b, atol=1e-4)
+    assert torch.allclose(swept["down"], joint["down"], atol=1e-4)
+
+
+def test_fit_down_proj_ridge_pulls_towards_the_current_weights():
+    import torch
+
+    from moetool.heal import fit_down_proj
+
+    acts, wt, ex, tok, target, true_m, _ = _routed_problem(bias=False)
+    start = torch.zeros_like(true_m)
+    dist = [float((fit_down_proj(acts, wt, ex, tok, target, start, ridge=r)["down"] - start).norm())
+            for r in (1e-6, 1.0, 100.0)]
+    assert dist[0] > dist[1] > dist[2] > 0
+    # an expert with no tokens keeps its matrix exactly
+    keep = ex != 0
+    res = fit_down_proj(acts[keep], wt[keep], ex[keep], tok[keep], target, true_m + 1, ridge=0.1)
+    assert torch.equal(res["down"][0], true_m[0] + 1) and res["fitted"] == 4
+
+
+def test_fit_router_restores_rows_when_it_cannot_gain():
+    import torch
+
+    from moetool.heal import fit_router
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+
+    def zero_loss():  # already perfect: nothing to do
+        (p * 0).sum().backward()
+        return 0.0
+
+    assert fit_router(zero_loss, [p], 5, 0.1)["kept"] is False
+    assert torch.equal(p.detach(), torch.tensor([1.0, 2.0]))
+
+    def quad():
+        loss = ((p - torch.tensor([3.0, -1.0])) ** 2).sum()
+        loss.backward()
+        return float(loss)
+
+    info = fit_router(quad, [p], 20, 0.0)
+    assert info["kept"] and info["loss_after"] < 1e-8
+    assert torch.allclose(p.detach(), torch.tensor([3.0, -1.0]), atol=1e-4)
+
+
+# -- the model-facing pieces --------------------------------------------------------------------------------
+def test_expert_activations_reproduce_every_familys_experts(tiny_fixture):
+    """experts(x, e, weight 1) == D_e a_e(x) + b_e, with a_e from the selector probe and D_e, b_e
+    read from the module: the linear model the down-projection fit relies on is exact."""
+    import torch
+
+    from moetool.heal import DOWN, DOWN_BIAS, _call_expert, _intermediate, down_orientation, expert_activations
+    from moetool.loading import load_model, moe_blocks
+
+    loaded = load_model(str(tiny_fixture), dtype="float32")
+    H = int(loaded.rc.fields["hidden_size"])
+    torch.manual_seed(0)
+    for _L, _block, _router, experts in moe_blocks(loaded):
+        inter = _intermediate(experts, H)
+        x = torch.randn(37, H)
+        orient = down_orientation(experts, H, inter, x)
+        for e in (0, int(getattr(experts, DOWN).shape[0]) - 1):
+            a = expert_activations(experts, x, e, H, inter, orient)
+            m = getattr(experts, DOWN).detach()[e]
+            m = m if orient == "out_in" else m.T
+            b = getattr(experts, DOWN_BIAS, None)
+            want = a @ m.T + (b.detach()[e] if b is not None else 0)
+            with torch.no_grad():
+                got = _call_expert(experts, x, e)
+            assert torch.allclose(got, want, atol=1e-5), (tiny_fixture.name, e)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_down_orientation_when_hidden_equals_intermediate(family):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moetool.heal import DOWN, down_orientation, expert_activations
+    from moetool.loading import loaded_from_model, moe_blocks
+
+    src = FIXTURES / ("tiny-mixtral" if family == "mixtral" else "tiny-gpt-oss")
+    config = AutoConfig.from_pretrained(src)
+    config.intermediate_size = config.hidden_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    experts = moe_blocks(loaded_from_model(model))[0][3]
+    H = config.hidden_size
+    x = torch.randn(9, H)
+    orient = down_orientation(experts, H, H, x)
+    assert orient == ("out_in" if family == "mixtral" else "in_out")
+    a = expert_activations(experts, x, 1, H, H, orient)
+    m = getattr(experts, DOWN).detach()[1]
+    bias = getattr(experts, "down_proj_bias", None)
+    want = (a @ (m.T if orient == "out_in" else m)) + (bias.detach()[1] if bias is not None else 0)
+    with torch.no_grad():
+        got = experts(x, torch.ones(9, 1, dtype=torch.long), torch.ones(9, 1))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_layerwise_driver_matches_the_models_own_forward(tiny_fixture):
+    """Running decoder layers one at a time with the captured keyword arguments reproduces the
+    model's own hidden states (every family: per-layer masks, position embeddings, padding)."""
+    import torch
+
+    from moetool.heal import InMemoryLayerwise, decoder_layers, make_batches
+    from moetool.loading import load_model, moe_blocks
+
+    loaded = load_model(str(tiny_fixture), dtype="float32")
+    torch.manual_seed(0)
+    seqs = [torch.randint(4, 200, (n,)).tolist() for n in (5, 17, 11, 30)]
+    batches = make_batches(seqs, 3, 0)
+    layers = decoder_layers(loaded.model, moe_blocks(loaded))
+    runner = InMemoryLayerwise(loaded.model, layers, batches, torch.device("cpu"))
+    runner.start()
+    for i in range(len(layers) - 1):
+        runner.run_layer(i)
+    with torch.no_grad():
+        for b, (ids, mask) in enumerate(batches):
+            want = loaded.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                           output_hidden_states=True).hidden_states[len(layers) - 1]
+            v = mask.bool()
+            assert torch.allclose(runner.hidden[b][v], want[v], atol=1e-5), tiny_fixture.name
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+def _unpruned_copy(src: Path, dst: Path) -> Path:
+    """SRC copied with a provenance saying it was made from SRC (a compression that removed
+    nothing)."""
+    from moetool.surgery import Checkpoint, write_provenance
+
+    shutil.copytree(src, dst)
+    write_provenance(dst, Checkpoint(str(src)), "prune")
+    return dst
+
+
+def test_healing_a_model_with_nothing_removed_changes_nothing(tmp_path):
+    import torch
+
+    from moetool.heal import HealOptions, heal_checkpoint
+
+    src = FIXTURES / "tiny-qwen2-moe"  # shared expert and its gate: the fit must see through them
+    same = _unpruned_copy(src, tmp_path / "same")
+    out = tmp_path / "healed"
+    result = heal_checkpoint(str(same), str(src), str(_calib(tmp_path)), str(out), max_tokens=300,
+                             options=HealOptions(**FAST), progress=False)
+    for row in result["layers"]:
+        assert row["relative_before"] < 1e-10
+    a, b = _tensors(src), _tensors(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def _prune_for(src: Path, out: Path) -> None:
+    from moetool.prune import prune_checkpoint
+
+    prune_checkpoint(str(src), str(out), keep=4, by="random", seed=3, regroup=True, progress=False)
+
+
+def test_heal_works_on_every_family(tiny_fixture, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moetool.heal import HealOptions, heal_checkpoint
+    from moetool.surgery import read_provenance
+
+    pruned = tmp_path / "pruned"
+    _prune_for(tiny_fixture, pruned)
+    before = _tensors(pruned)
+    stamp = {p.name: p.stat().st_mtime_ns for p in pruned.iterdir()}
+    out = tmp_path / "healed"
+    result = heal_checkpoint(str(pruned), str(tiny_fixture), str(_calib(tmp_path)), str(out), max_tokens=400,
+                             options=HealOptions(**FAST), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in pruned.iterdir()} == stamp  # input untouched
+    assert not list(tmp_path.glob(".healed*"))
+    for row in result["layers"]:
+        assert row["relative_after"] <= row["relative_before"]
+    assert any(row["relative_after"] < 0.9 * row["relative_before"] for row in result["layers"])
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    after = _tensors(out)
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "nothing was healed"
+    for n in changed:  # only router rows and routed experts' down projections
+        assert any(s in n for s in ("gate.weight", "router.", "down_proj", ".w2.")), n
+        assert "shared" not in n, n
+    assert json.loads((out / "config.json").read_text()) == json.loads((pruned / "config.json").read_text())
+    prov = read_provenance(out)
+    assert prov["method"] == "heal" and prov["origin"] == read_provenance(pruned)["origin"]
+    card = (out / "README.md").read_text()
+    assert "healed" in card and "calib.txt" in card and "How the compressed model was made" in card
+
+
+def test_heal_refuses_a_ref_that_is_not_the_origin(tmp_path):
+    pruned = tmp_path / "pruned"
+    _prune_for(FIXTURES / "tiny-mixtral", pruned)
+    calib = _calib(tmp_path)
+    other = tmp_path / "other"  # same shapes, one router row changed
+    shutil.copytree(FIXTURES / "tiny-mixtral", other)
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(other.glob("*.safetensors")):
+        t = load_file(f)
+        hit = [n for n in t if n.endswith("gate.weight")]
+        if hit:
+            t[hit[0]][0, 0] += 1.0
+            save_file(t, f, metadata={"format": "pt"})
+            break
+    res = run_cli("heal", pruned, "--ref", other, "--file", calib, "--out", tmp_path / "o")
+    assert_one_line_error(res, "is not the model")
+    assert res.returncode == 2 and not (tmp_path / "o").exists()
+    res = run_cli("heal", FIXTURES / "tiny-mixtral", "--ref", FIXTURES / "tiny-mixtral", "--file", calib,
+                  "--out", tmp_path / "o")
+    assert_one_line_error(res, "moetool.json")
+
+
+def test_heal_cli(tmp_path):
+    pruned = tmp_path / "pruned"
+    _prune_for(FIXTURES / "tiny-olmoe", pruned)
+    out = tmp_path / "healed"
+    res = run_cli("heal", pruned, "--ref", FIXTURES / "tiny-olmoe", "--file", _calib(tmp_path), "--max-tokens", "200",
+                  "--router-steps", "2", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["calibration"]["tokens"] == 200 and len(data["layers"]) == 2 and out.is_dir()
+    res = run_cli("heal", pruned, "--ref", FIXTURES / "tiny-olmoe", "--file", _calib(tmp_path), "--out", out)
+    assert_one_line_error(res, "already exists")
