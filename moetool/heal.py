@@ -858,9 +858,12 @@ def check_ref(compressed, ref) -> dict:
 # -- the command's library function -------------------------------------------------------------------------------
 def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: int | None = None,
                     batch_size: int = 8, options: HealOptions | None = None, force: bool = False,
-                    load_options: dict | None = None, progress: bool = True, log=None) -> dict:
+                    load_options: dict | None = None, progress: bool = True, log=None,
+                    display_name: str | None = None) -> dict:
     """Heal COMPRESSED (a moetool prune / merge-experts output) against REF (the model it was made
-    from) on the calibration text FILE and write the result to OUT. Returns plain data."""
+    from) on the calibration text FILE and write the result to OUT. Returns plain data.
+    DISPLAY_NAME: what the card and provenance call COMPRESSED (`prune --heal`: a temporary
+    directory that will not exist)."""
     from moetool.loading import load_model
     from moetool.prune import file_digest
     from moetool.surgery import Checkpoint, check_output, fingerprint
@@ -901,13 +904,13 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         if max_tokens is not None:
             calibration["max_tokens"] = int(max_tokens)
         provenance = {**prov, "method": "heal", "healed": {
-            "from": {"name": compressed, "fingerprint": fingerprint(ckpt)},
+            "from": {"name": display_name or compressed, "fingerprint": fingerprint(ckpt)},
             "ref": {"name": ref, "fingerprint": (prov.get("origin") or prov.get("source") or {}).get("fingerprint")},
             "calibration": calibration, "options": opts.as_dict()}}
         from moetool import __version__
 
         provenance["moetool"] = __version__
-        result = {"model": compressed, "ref": ref, "out": str(out), "family": rc.family.name,
+        result = {"model": display_name or compressed, "ref": ref, "out": str(out), "family": rc.family.name,
                   "num_experts": int(rc.num_experts), "calibration": calibration, "options": opts.as_dict(),
                   "layers": layers, "fit_seconds": round(fit_seconds, 3)}
         card = _card(result, ckpt)
@@ -962,3 +965,27 @@ def _card(result: dict, ckpt) -> str:
     lines += ["", "Loads with `transformers.AutoModelForCausalLM.from_pretrained` (no custom code).", ""]
     return "\n".join(lines)
 
+
+
+def heal_after(write, model: str, out: str, file: str | None, max_tokens: int | None, batch_size: int,
+               options: HealOptions | None, force: bool, load_options: dict | None, progress: bool) -> dict:
+    """`prune --heal` / `merge-experts --heal`: WRITE(path) writes the compressed checkpoint to
+    PATH (a temporary directory beside OUT); it is then healed against MODEL, its input, on the
+    same calibration text into OUT, and the temporary directory removed. Returns WRITE's result
+    with ``out`` = OUT and ``heal`` = the heal result."""
+    import shutil
+    import tempfile
+
+    if not file:
+        raise MoetoolError("--heal needs calibration text: give --file TEXT")
+    parent = Path(out).expanduser().resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.unhealed-", dir=parent))
+    try:
+        result = write(tmp / "compressed")
+        result["heal"] = heal_checkpoint(str(tmp / "compressed"), model, file, out, max_tokens=max_tokens,
+                                         batch_size=batch_size, options=options, force=force,
+                                         load_options=load_options, progress=progress, display_name=str(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["out"] = str(out)
+    return result

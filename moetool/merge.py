@@ -202,11 +202,13 @@ def alignment_perms(ckpt, layer: int, group: list[int]) -> list:
 def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", trace: str | None = None,
                      file: str | None = None, max_tokens: int | None = None, batch_size: int = 8, align: bool = False,
                      regroup: bool = False, force: bool = False, load_options: dict | None = None,
-                     progress: bool = True, router_row: str = "average", accept_foreign_trace: bool = False) -> dict:
+                     progress: bool = True, router_row: str = "average", accept_foreign_trace: bool = False,
+                     heal: bool = False, heal_options=None) -> dict:
     """Merge MODEL's routed experts down to TO per layer and write the result to OUT.
 
     ROUTER_ROW: the merged expert's router row (and score-correction bias / router bias) is the
-    usage-weighted ``average`` of its members' rows, or the ``dominant`` member's row."""
+    usage-weighted ``average`` of its members' rows, or the ``dominant`` member's row. HEAL: then
+    heal the merged model against MODEL on the same calibration text (moetool.heal)."""
     from moetool.prune import expert_config_updates, gather_stats, group_plan, keep_count
     import time
 
@@ -229,6 +231,8 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
     groups = group_plan(rc, to, regroup)
     if not (trace or file):
         raise MoetoolError("merging needs how often each expert is used (each group is averaged weighted by use): give --trace FILE or --file TEXT")
+    if heal and not file:
+        raise MoetoolError("--heal needs calibration text: give --file TEXT")
     stats = gather_stats(model, rc, trace, file, max_tokens, batch_size, load_options,
                          outputs=(similarity == "output"), logits=(similarity == "router"),
                          what=f"{similarity} similarity", checkpoint=ckpt.path,
@@ -272,7 +276,13 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
     def card(result: dict) -> str:
         return _card({**result, "merge": merge_info})
 
-    result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
+    if heal:
+        from moetool.heal import heal_after
+
+        result = heal_after(lambda path: run_surgery(ckpt, plan, path, card=card, progress=progress), model, out,
+                            file, max_tokens, batch_size, heal_options, force, load_options, progress)
+    else:
+        result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
     result["merge"] = merge_info
     result["total_seconds"] = round(time.perf_counter() - started, 3)  # with calibration and grouping
     return result

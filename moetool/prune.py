@@ -340,8 +340,9 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
                      trace: str | None = None, file: str | None = None, max_tokens: int | None = None,
                      batch_size: int = 8, seed: int = 0, global_budget: bool = False, regroup: bool = False,
                      force: bool = False, load_options: dict | None = None, progress: bool = True,
-                     accept_foreign_trace: bool = False) -> dict:
-    """Prune MODEL's routed experts and write the result to OUT. Returns plain data."""
+                     accept_foreign_trace: bool = False, heal: bool = False, heal_options=None) -> dict:
+    """Prune MODEL's routed experts and write the result to OUT. Returns plain data. HEAL: then
+    heal the pruned model against MODEL on the same calibration text (moetool.heal)."""
     import time
 
     from moetool.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
@@ -352,6 +353,8 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
     if not rc.moe_layers:
         raise MoetoolError(f"{model}: no MoE layers to prune")
     check_output(out, [ckpt.path], force)  # before any slow calibration
+    if heal and not file:
+        raise MoetoolError("--heal needs calibration text: give --file TEXT")
     n = keep_count(int(rc.num_experts), keep, ratio)
     if by not in METHODS:
         raise MoetoolError(f"--by {by}: choose from {', '.join(METHODS)}")
@@ -387,7 +390,13 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
     def card(result: dict) -> str:
         return _card({**result, "selection": selection})
 
-    result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
+    if heal:
+        from moetool.heal import heal_after
+
+        result = heal_after(lambda path: run_surgery(ckpt, plan, path, card=card, progress=progress), model, out,
+                            file, max_tokens, batch_size, heal_options, force, load_options, progress)
+    else:
+        result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
     result["selection"] = selection
     result["total_seconds"] = round(time.perf_counter() - started, 3)  # with calibration
     return result

@@ -229,7 +229,7 @@ def test_heal_works_on_every_family(tiny_fixture, tmp_path):
     before = _tensors(pruned)
     stamp = {p.name: p.stat().st_mtime_ns for p in pruned.iterdir()}
     out = tmp_path / "healed"
-    result = heal_checkpoint(str(pruned), str(tiny_fixture), str(_calib(tmp_path)), str(out), max_tokens=400,
+    result = heal_checkpoint(str(pruned), str(tiny_fixture), str(_calib(tmp_path)), str(out), max_tokens=200,
                              options=HealOptions(**FAST), progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in pruned.iterdir()} == stamp  # input untouched
     assert not list(tmp_path.glob(".healed*"))
@@ -286,3 +286,25 @@ def test_heal_cli(tmp_path):
     assert data["calibration"]["tokens"] == 200 and len(data["layers"]) == 2 and out.is_dir()
     res = run_cli("heal", pruned, "--ref", FIXTURES / "tiny-olmoe", "--file", _calib(tmp_path), "--out", out)
     assert_one_line_error(res, "already exists")
+
+
+def test_prune_and_merge_heal_flag(tmp_path):
+    from moetool.surgery import read_provenance
+
+    calib = _calib(tmp_path)
+    src = FIXTURES / "tiny-mixtral"
+    res = run_cli("prune", src, "--keep", "4", "--by", "frequency", "--file", calib, "--max-tokens", "200", "--heal",
+                  "--out", tmp_path / "p", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["out"] == str(tmp_path / "p") and len(data["heal"]["layers"]) == 2
+    prov = read_provenance(tmp_path / "p")
+    assert prov["method"] == "heal" and prov["source"]["name"] == str(src)
+    assert "pruned experts" in (tmp_path / "p" / "README.md").read_text()  # the pruning card, inside the heal card
+    res = run_cli("merge-experts", src, "--to", "4", "--file", calib, "--max-tokens", "200", "--heal",
+                  "--out", tmp_path / "m", "--json")
+    assert res.returncode == 0, res.stderr
+    assert read_provenance(tmp_path / "m")["method"] == "heal"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "m", "p"]  # no temporary directories left
+    res = run_cli("prune", src, "--keep", "4", "--by", "random", "--heal", "--out", tmp_path / "r")
+    assert_one_line_error(res, "--heal needs calibration text")

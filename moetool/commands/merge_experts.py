@@ -22,11 +22,13 @@ from moetool.commands._loading_options import calibration_options, loading_optio
 @calibration_options
 @click.option("--regroup", is_flag=True,
               help="Group-limited routing (DeepSeek n_group): turn it off instead of merging within groups.")
+@click.option("--heal", is_flag=True,
+              help="Then heal the result against MODEL on the same --file text (moetool heal, default settings).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 @loading_options
 def command(model, out, to, similarity, align, router_row, trace, file, max_tokens, batch_size, accept_foreign_trace,
-            regroup, force, as_json, load_options) -> None:
+            regroup, heal, force, as_json, load_options) -> None:
     """Merge MODEL's routed experts down to --to N per layer: group them around the most used
     experts by similarity, average each group weighted by usage, and write a checkpoint that
     loads in transformers (shard by shard; --out appears only when complete).
@@ -35,7 +37,7 @@ def command(model, out, to, similarity, align, router_row, trace, file, max_toke
 
     result = merge_checkpoint(model, out, to, similarity=similarity, trace=trace, file=file, max_tokens=max_tokens,
                               batch_size=batch_size, align=align, regroup=regroup, force=force,
-                              load_options=load_options, progress=not as_json, router_row=router_row,
+                              load_options=load_options, progress=not as_json, heal=heal, router_row=router_row,
                               accept_foreign_trace=accept_foreign_trace)
     if as_json:
         from moetool.render import print_json
@@ -45,3 +47,7 @@ def command(model, out, to, similarity, align, router_row, trace, file, max_toke
         from moetool.render.prune import render_merge
 
         render_merge(result)
+        if result.get("heal"):
+            from moetool.render.heal import render_heal
+
+            render_heal(result["heal"])

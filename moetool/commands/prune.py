@@ -21,11 +21,13 @@ from moetool.commands._loading_options import calibration_options, loading_optio
 @click.option("--regroup", is_flag=True,
               help="Group-limited routing (DeepSeek n_group): turn it off (n_group = topk_group = 1) instead of "
                    "keeping the same number of experts per group.")
+@click.option("--heal", is_flag=True,
+              help="Then heal the result against MODEL on the same --file text (moetool heal, default settings).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 @loading_options
 def command(model, out, keep, ratio, global_budget, by, seed, trace, file, max_tokens, batch_size, accept_foreign_trace,
-            regroup, force, as_json, load_options) -> None:
+            regroup, heal, force, as_json, load_options) -> None:
     """Prune MODEL's routed experts to --keep N per layer (or remove --ratio R of them),
     chosen from routing statistics, and write a checkpoint that loads in transformers.
 
@@ -37,7 +39,7 @@ def command(model, out, keep, ratio, global_budget, by, seed, trace, file, max_t
     result = prune_checkpoint(model, out, keep=keep, ratio=ratio, by=by, trace=trace, file=file,
                               max_tokens=max_tokens, batch_size=batch_size, seed=seed,
                               global_budget=global_budget, regroup=regroup, force=force,
-                              load_options=load_options, progress=not as_json,
+                              load_options=load_options, progress=not as_json, heal=heal,
                               accept_foreign_trace=accept_foreign_trace)
     if as_json:
         from moetool.render import print_json
@@ -47,3 +49,7 @@ def command(model, out, keep, ratio, global_budget, by, seed, trace, file, max_t
         from moetool.render.prune import render_prune
 
         render_prune(result)
+        if result.get("heal"):
+            from moetool.render.heal import render_heal
+
+            render_heal(result["heal"])
