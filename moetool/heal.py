@@ -57,9 +57,11 @@ from moetool.errors import MoetoolError
 DOWN = "down_proj"
 DOWN_BIAS = "down_proj_bias"
 
-DEFAULT_RIDGE = 0.05
-DEFAULT_ROUTER_STEPS = 20
+DEFAULT_RIDGE = 0.01
+DEFAULT_ROUTER_STEPS = 5
 DEFAULT_ROUTER_REG = 0.1
+DEFAULT_EXPERTS_STEPS = 10
+DEFAULT_EXPERTS_REG = 0.1
 CHUNK_TOKENS = 4096
 TARGETS = ("block", "stream")
 
@@ -72,6 +74,9 @@ class HealOptions:
     sweeps: int = 8  # Gauss-Seidel sweeps over the experts at most
     down: bool = True  # fit the down projections
     target: str = "block"  # see heal_models
+    experts_steps: int = DEFAULT_EXPERTS_STEPS  # L-BFGS iterations on all routed-expert weights, routing fixed
+    experts_reg: float = DEFAULT_EXPERTS_REG
+    shared: bool = False  # step 3 also refits what the block has besides routed experts (shared experts)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -386,6 +391,40 @@ def _router_params(router) -> list:
     return [p for _, p in router.named_parameters()]
 
 
+def _refit_down(experts, x, idx, w, target, hidden: int, inter: int, opts: HealOptions) -> dict:
+    """The closed-form down-projection fit of one experts module (in place), given the routing
+    (IDX, W [T, k]) and the routed target [T, hidden]."""
+    import torch
+
+    down = getattr(experts, DOWN)
+    bias = getattr(experts, DOWN_BIAS, None)
+    orientation = down_orientation(experts, hidden, inter, x)
+    E = down.shape[0]
+    T, k = idx.shape
+    tok = torch.arange(T)[:, None].expand(T, k).reshape(-1)
+    ex, wt = idx.reshape(-1), w.reshape(-1)
+    ok = (ex >= 0) & (ex < E)
+    tok, ex, wt = tok[ok], ex[ok], wt[ok]
+    acts = torch.zeros(ex.numel(), inter)
+    for e in range(E):
+        sl = (ex == e).nonzero().reshape(-1)
+        if sl.numel():
+            acts[sl] = expert_activations(experts, x[tok[sl]], e, hidden, inter, orientation)
+    current = down.detach().float()
+    if orientation == "in_out":
+        current = current.transpose(1, 2)
+    fit = fit_down_proj(acts, wt, ex, tok, target, current, None if bias is None else bias.detach().float(),
+                        ridge=opts.ridge, sweeps=opts.sweeps)
+    new = fit["down"] if orientation == "out_in" else fit["down"].transpose(1, 2)
+    with torch.no_grad():
+        down.copy_(new.to(down.dtype))
+        if bias is not None:
+            bias.copy_(fit["bias"].to(bias.dtype))
+    info = {k2: fit[k2] for k2 in ("loss_before", "loss_after", "sweeps", "fitted")}
+    info["orientation"] = orientation
+    return info
+
+
 def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: HealOptions) -> dict:
     """Heal one MoE block in place so that its output on the calibration inputs X [T, hidden]
     approaches the target Y [T, hidden]: router rows, then down projections (see the module
@@ -401,11 +440,8 @@ def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: Heal
     info: dict[str, Any] = {"tokens": int(x.shape[0]), "mse_before": before,
                             "relative_before": before / max(ref_power, 1e-30)}
     params = _router_params(router)
-    saved_router = [p.detach().clone() for p in params]
     down = getattr(experts, DOWN, None)
-    bias = getattr(experts, DOWN_BIAS, None)
-    saved_down = down.detach().clone() if down is not None else None
-    saved_bias = bias.detach().clone() if bias is not None else None
+    saved_block = [p.detach().clone() for p in block.parameters()]
 
     # 1. router rows
     if opts.router_steps > 0 and params:
@@ -433,44 +469,56 @@ def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: Heal
                 p.requires_grad_(flag)
     # 2. down projections, given the routing
     if opts.down and down is not None:
-        orientation = down_orientation(experts, hidden, inter, x)
         with _RoutingProbe(experts) as probe:
             full = run_block(block, x).float()
         idx, w = torch.cat(probe.idx), torch.cat(probe.w)
         rest = full - torch.cat(probe.out)  # shared experts and anything else the block adds
         target = y - rest
-        E = down.shape[0]
-        T, k = idx.shape
-        tok = torch.arange(T)[:, None].expand(T, k).reshape(-1)
-        ex, wt = idx.reshape(-1), w.reshape(-1)
-        ok = (ex >= 0) & (ex < E)
-        tok, ex, wt = tok[ok], ex[ok], wt[ok]
-        acts = torch.zeros(ex.numel(), inter)
-        for e in range(E):
-            sl = (ex == e).nonzero().reshape(-1)
-            if sl.numel():
-                acts[sl] = expert_activations(experts, x[tok[sl]], e, hidden, inter, orientation)
-        current = down.detach().float()
-        if orientation == "in_out":
-            current = current.transpose(1, 2)
-        fit = fit_down_proj(acts, wt, ex, tok, target, current, None if bias is None else bias.detach().float(),
-                            ridge=opts.ridge, sweeps=opts.sweeps)
-        new = fit["down"] if orientation == "out_in" else fit["down"].transpose(1, 2)
-        with torch.no_grad():
-            down.copy_(new.to(down.dtype))
-            if bias is not None:
-                bias.copy_(fit["bias"].to(bias.dtype))
-        info["down"] = {k2: fit[k2] for k2 in ("loss_before", "loss_after", "sweeps", "fitted")}
-        info["down"]["orientation"] = orientation
+        info["down"] = _refit_down(experts, x, idx, w, target, hidden, inter, opts)
+        # 3. every expert weight by L-BFGS with the routing fixed, then the down projections again
+        if opts.experts_steps > 0:
+            router_ids = {id(p) for p in params}
+            if opts.shared:  # the whole block but its router: shared experts (and their gate) too
+                eparams = [p for p in block.parameters() if id(p) not in router_ids]
+            else:
+                eparams = [p for _, p in experts.named_parameters()]
+            flags = [(p, p.requires_grad) for p in block.parameters()]
+            for p, _ in flags:
+                p.requires_grad_(False)
+            for p in eparams:
+                p.requires_grad_(True)
+            denom = float(target.numel())
+
+            def experts_loss() -> float:
+                total = 0.0
+                with torch.enable_grad():
+                    for a in range(0, x.shape[0], CHUNK_TOKENS):
+                        b = a + CHUNK_TOKENS
+                        if opts.shared:
+                            out = _block_out(block(x[a:b][None]))[0].float()
+                            loss = ((out - y[a:b]) ** 2).sum() / denom
+                        else:
+                            out = _block_out(experts(x[a:b], idx[a:b], w[a:b].to(x.dtype))).float()
+                            loss = ((out - target[a:b]) ** 2).sum() / denom
+                        loss.backward()
+                        total += float(loss.detach())
+                return total
+
+            try:
+                info["experts"] = fit_router(experts_loss, eparams, opts.experts_steps, opts.experts_reg)
+            finally:
+                for p, f in flags:
+                    p.requires_grad_(f)
+            if opts.shared:
+                with _RoutingProbe(experts) as probe:
+                    full = run_block(block, x).float()
+                target = y - (full - torch.cat(probe.out))
+            info["down"] = _refit_down(experts, x, idx, w, target, hidden, inter, opts)
     after = float(((run_block(block, x).float() - y) ** 2).mean())
     if after >= before:  # never worse on the calibration tokens
         with torch.no_grad():
-            for p, q in zip(params, saved_router):
+            for p, q in zip(block.parameters(), saved_block):
                 p.copy_(q)
-            if saved_down is not None:
-                down.copy_(saved_down)
-            if saved_bias is not None:
-                bias.copy_(saved_bias)
         after = before
         info["reverted"] = True
     else:
@@ -675,6 +723,8 @@ def heal_models(ref_loaded, loaded, batches: list[tuple], opts: HealOptions, log
 
     if opts.target not in TARGETS:
         raise MoetoolError(f"--target {opts.target}: choose from {', '.join(TARGETS)}")
+    for m in (loaded.model, ref_loaded.model):
+        _eager_experts(m)
     blocks = moe_blocks(loaded)
     ref_blocks = {L: blk for L, blk, _r, _e in moe_blocks(ref_loaded)}
     layers = decoder_layers(loaded.model, blocks)
@@ -711,6 +761,18 @@ def heal_models(ref_loaded, loaded, batches: list[tuple], opts: HealOptions, log
     return rows
 
 
+def _eager_experts(model) -> None:
+    """transformers' own per-expert loop (``experts_implementation="eager"``, public API): on a
+    CPU its grouped-matmul default is many times slower, and healing runs the experts often."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None:
+        return
+    try:
+        setter("eager")
+    except (ValueError, TypeError, AttributeError, KeyError):
+        pass
+
+
 def _intermediate(experts, hidden: int) -> int:
     down = getattr(experts, DOWN, None)
     if down is None or down.dim() != 3:
@@ -726,13 +788,54 @@ class _Target:
     module: str  # "router" | "experts"
     attr: str
     expert: int | None = None  # per-expert on-disk tensor: which expert of the fused in-memory one
+    piece: tuple | None = None  # (axis, start, step, length): a slice of that expert's matrix
     transpose: bool = False  # on disk = in memory with the last two dims swapped
+
+    def value(self, mods):
+        import torch
+
+        t = getattr(mods[self.layer][self.module], self.attr).detach()
+        if self.expert is not None:
+            t = t[self.expert]
+        if self.piece is not None:
+            axis, start, step, length = self.piece
+            t = t.narrow(axis, start, length) if step == 1 else t.index_select(
+                axis, torch.arange(start, start + step * length, step))
+        return t.transpose(-1, -2) if self.transpose else t
+
+
+def _match(value, disk) -> bool | None:
+    """True / False: DISK is VALUE / VALUE with its last two dims swapped; None: neither."""
+    import torch
+
+    value = value.to(torch.float32)
+    if tuple(value.shape) == tuple(disk.shape) and torch.equal(value, disk):
+        return False
+    if value.dim() >= 2 and tuple(value.transpose(-1, -2).shape) == tuple(disk.shape) \
+            and torch.equal(value.transpose(-1, -2), disk):
+        return True
+    return None
+
+
+def _pieces(value, disk_shape) -> list[tuple]:
+    """Ways DISK_SHAPE can be a slice of the 2-D VALUE along one axis: the first or second half,
+    or the even or odd rows (fused [gate; up] and interleaved gate/up layouts)."""
+    out = []
+    for axis in (0, 1):
+        full = value.shape[axis]
+        for n in set(disk_shape):
+            if 2 * n == full:
+                out += [(axis, 0, 1, n), (axis, n, 1, n), (axis, 0, 2, n), (axis, 1, 2, n)]
+    return out
 
 
 def write_plan(ckpt, loaded) -> dict[str, _Target]:
-    """For every on-disk tensor that healing may change (router rows, routed experts' down
-    projections and their biases), where its value lives in the loaded model, checked against
-    the bytes on disk (so a layout this code does not understand fails here, before any work)."""
+    """For every on-disk tensor that healing may change (router rows and biases, every routed
+    expert tensor), where its value lives in the loaded model: the router's tensor of the same
+    name, or an experts-module parameter (the whole of it, one expert's matrix, or a half /
+    every other row of it, possibly transposed), found by comparing values with the bytes on
+    disk, so every family's conversion between disk and memory layouts is followed exactly, and
+    a layout that cannot be followed fails here, before any work."""
     import torch
 
     from moetool.loading import moe_blocks
@@ -744,45 +847,56 @@ def write_plan(ckpt, loaded) -> dict[str, _Target]:
         kind = classify(ckpt, name)
         if kind.layer not in mods or kind.kind not in ("rows", "expert", "fused"):
             continue
-        attr = name.rsplit(".", 1)[1]
-        if kind.kind == "rows":
-            t = _Target(kind.layer, "router", attr)
-        elif kind.kind == "expert":
-            if kind.proj != "down":
-                continue
-            t = _Target(kind.layer, "experts", DOWN, expert=kind.expert)
-        else:
-            if attr not in (DOWN, DOWN_BIAS):
-                continue
-            t = _Target(kind.layer, "experts", attr)
-        mem = getattr(mods[t.layer][t.module], t.attr, None)
-        if mem is None:
-            if t.module == "router":
-                continue  # not a tensor healing touches
-            raise MoetoolError(f"{name}: no `{t.attr}` in the loaded model's experts module")
         if ent.dtype not in ("F64", "F32", "F16", "BF16"):
             raise MoetoolError(f"{name} is {ent.dtype}: healing refits weights and needs float tensors "
                                "(dequantize the checkpoint first)")
-        value = mem.detach()[t.expert] if t.expert is not None else mem.detach()
         disk = ckpt.read(name).to(torch.float32)
-        value = value.to(torch.float32)
-        if tuple(value.shape) == tuple(disk.shape) and torch.equal(value.to(disk.dtype), disk):
-            pass
-        elif value.dim() >= 2 and tuple(value.transpose(-1, -2).shape) == tuple(disk.shape) \
-                and torch.equal(value.transpose(-1, -2), disk):
-            t.transpose = True
+        found = None
+        if kind.kind == "rows":
+            attr = name.rsplit(".", 1)[1]
+            if getattr(mods[kind.layer]["router"], attr, None) is None:
+                continue  # not a tensor healing touches
+            t = _Target(kind.layer, "router", attr)
+            flip = _match(t.value(mods), disk)
+            found = None if flip is None else t
+            if found:
+                found.transpose = flip
         else:
-            raise MoetoolError(f"internal: cannot map {name} to the loaded model's `{t.attr}` (values differ)")
-        plan[name] = t
+            last = name.rsplit(".", 1)[1]
+            params = sorted(mods[kind.layer]["experts"].named_parameters(recurse=False),
+                            key=lambda kv: (kv[0] != last, kv[0] != (DOWN if kind.proj == "down" else kv[0])))
+            for attr, param in params:
+                cands = [_Target(kind.layer, "experts", attr)] if kind.kind == "fused" else \
+                    [_Target(kind.layer, "experts", attr, expert=kind.expert)]
+                if kind.kind == "expert" and param.dim() == 3 and kind.expert < param.shape[0]:
+                    cands += [_Target(kind.layer, "experts", attr, expert=kind.expert, piece=pc)
+                              for pc in _pieces(param[kind.expert], tuple(disk.shape))]
+                for t in cands:
+                    try:
+                        flip = _match(t.value(mods), disk)
+                    except (IndexError, RuntimeError):
+                        continue
+                    if flip is not None:
+                        t.transpose = flip
+                        found = t
+                        break
+                if found:
+                    break
+        if found is None:
+            raise MoetoolError(f"cannot find {name} in the loaded model (its values differ from every "
+                               "candidate): this checkpoint's layout cannot be healed")
+        plan[name] = found
     return plan
 
 
 def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int], out: Path, force: bool,
                  card: str, provenance: dict) -> dict:
-    """Write the healed checkpoint to OUT: the tensors of PLAN in HEALED_LAYERS from the loaded
-    model, every other tensor copied byte for byte from CKPT; same shard files, index, config
-    and side files; README.md = CARD; moetool.json = PROVENANCE. Atomic."""
+    """Write the healed checkpoint to OUT: the tensors of PLAN in HEALED_LAYERS whose values
+    changed, from the loaded model; every other tensor copied byte for byte from CKPT; same shard
+    files, index, config and side files; README.md = CARD; moetool.json = PROVENANCE. Atomic."""
     import json
+
+    import torch
 
     from moetool.loading import moe_blocks
     from moetool.surgery import (INDEX_NAME, PROVENANCE_NAME, OutTensor, _copy_side_files, _copy_tensor,
@@ -796,14 +910,13 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
         tensors = []
         for ent in ckpt.file_entries[path]:
             t = plan.get(ent.name)
+            if t is not None and t.layer in healed_layers:
+                value = t.value(mods).to(torch_dtype(ent.dtype)).contiguous()
+                if torch.equal(value, ckpt.read(ent.name)):
+                    t = None  # unchanged: copied
             if t is None or t.layer not in healed_layers:
                 tensors.append(_copy_tensor(ckpt, ent, ent.name))
                 continue
-            mem = getattr(mods[t.layer][t.module], t.attr).detach()
-            value = mem[t.expert] if t.expert is not None else mem
-            if t.transpose:
-                value = value.transpose(-1, -2)
-            value = value.to(torch_dtype(ent.dtype)).contiguous()
 
             def write(fd, value=value):
                 write_tensor_bytes(fd, value)

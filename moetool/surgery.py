@@ -784,9 +784,8 @@ def _verify_names(ckpt: Checkpoint, new_config: dict, weight_map: dict, tmp: Pat
 def fingerprint(ckpt: Checkpoint) -> str:
     """A cheap identity of a checkpoint: sha256 of its config.json, every tensor's name, dtype and
     shape, and the bytes of every router tensor (one row per expert: small, and different in any
-    two trained or fine-tuned models of the same shape). Reads a few KB to MB, never the experts."""
-    import torch
-
+    two trained or fine-tuned models of the same shape), hashed straight from the files: a few KB
+    to MB read, no tensor built, never the experts."""
     h = hashlib.sha256()
     h.update((ckpt.path / "config.json").read_bytes())
     for name in sorted(ckpt.entries):
@@ -794,8 +793,15 @@ def fingerprint(ckpt: Checkpoint) -> str:
         h.update(f"{name}|{ent.dtype}|{list(ent.shape)}\n".encode())
     for name in sorted(ckpt.entries):
         if classify(ckpt, name).kind == "rows":
-            t = ckpt.read(name)
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            ent = ckpt.entries[name]
+            fd, pos, left = ckpt.fd(ent.file), ent.offset, ent.nbytes
+            while left:
+                chunk = os.pread(fd, min(left, COPY_CHUNK), pos)
+                if not chunk:
+                    raise MoetoolError(f"{ckpt.path / ent.file}: truncated while reading {name}")
+                h.update(chunk)
+                pos += len(chunk)
+                left -= len(chunk)
     return h.hexdigest()
 
 

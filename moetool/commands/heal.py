@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from moetool.commands._loading_options import loading_options
-from moetool.heal import DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS, TARGETS
+from moetool.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS, TARGETS
 
 
 @click.command("heal")
@@ -19,6 +19,9 @@ from moetool.heal import DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Texts per forward pass.")
 @click.option("--router-steps", type=click.IntRange(min=0), default=DEFAULT_ROUTER_STEPS, show_default=True,
               help="L-BFGS iterations on each layer's router rows (0: down projections only).")
+@click.option("--experts-steps", type=click.IntRange(min=0), default=DEFAULT_EXPERTS_STEPS, show_default=True,
+              help="L-BFGS iterations on all of each layer's routed-expert weights with the routing fixed, "
+                   "before the final down-projection solve (0: closed-form down projections only).")
 @click.option("--ridge", type=click.FloatRange(min=0), default=DEFAULT_RIDGE, show_default=True,
               help="Down projections: ridge towards the current weights (relative to each expert's Gram matrix).")
 @click.option("--router-reg", type=click.FloatRange(min=0), default=DEFAULT_ROUTER_REG, show_default=True,
@@ -29,7 +32,7 @@ from moetool.heal import DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 @loading_options
-def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, ridge, router_reg, target, force, as_json,
+def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, experts_steps, ridge, router_reg, target, force, as_json,
             load_options) -> None:
     """Heal COMPRESSED (a `moetool prune` or `merge-experts` output) against --ref, the model it
     was made from: for each MoE layer in order, refit the router rows and the experts' down
@@ -38,7 +41,7 @@ def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, ri
     """
     from moetool.heal import HealOptions, heal_checkpoint
 
-    opts = HealOptions(router_steps=router_steps, ridge=ridge, router_reg=router_reg, target=target)
+    opts = HealOptions(router_steps=router_steps, experts_steps=experts_steps, ridge=ridge, router_reg=router_reg, target=target)
     result = heal_checkpoint(compressed, ref, file, out, max_tokens=max_tokens, batch_size=batch_size, options=opts,
                              force=force, load_options=load_options, progress=not as_json)
     if as_json:
