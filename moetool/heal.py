@@ -893,14 +893,15 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
                  card: str, provenance: dict) -> dict:
     """Write the healed checkpoint to OUT: the tensors of PLAN in HEALED_LAYERS whose values
     changed, from the loaded model; every other tensor copied byte for byte from CKPT; same shard
-    files, index, config and side files; README.md = CARD; moetool.json = PROVENANCE. Atomic."""
+    files, index, config and side files; README.md = CARD; moetool.json = PROVENANCE (a
+    moetool.outdir marker). Atomic."""
     import json
 
     import torch
 
     from moetool.loading import moe_blocks
-    from moetool.surgery import (INDEX_NAME, PROVENANCE_NAME, OutTensor, _copy_side_files, _copy_tensor,
-                                 atomic_output_dir, check_disk_space, torch_dtype, write_safetensors,
+    from moetool.outdir import atomic_output_dir, check_disk_space
+    from moetool.surgery import (INDEX_NAME, OutTensor, _copy_side_files, _copy_tensor, torch_dtype, write_safetensors,
                                  write_tensor_bytes)
 
     mods = {L: {"router": r, "experts": e} for L, _b, r, e in moe_blocks(loaded)}
@@ -927,7 +928,7 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
     total = sum(t.nbytes for _, ts in shards for t in ts)
     check_disk_space(out.resolve().parent, total + 2**20)
     files = []
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, provenance) as tmp:
         weight_map = {}
         try:
             for path, tensors in shards:
@@ -942,7 +943,6 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_bytes((ckpt.path / "config.json").read_bytes())
         copied, skipped = _copy_side_files(ckpt.path, tmp)
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=1) + "\n")
         (tmp / "README.md").write_text(card)
     return {"files": files, "tensors_rewritten": rewritten, "tensors_copied": len(ckpt.entries) - rewritten,
             "bytes": total, "copied_files": copied, "skipped_files": skipped}
@@ -952,15 +952,17 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
 def check_ref(compressed, ref) -> dict:
     """Refuse a REF that is not what COMPRESSED (a moetool output) was made from: its recorded
     source or origin fingerprint must be REF's. Returns the compressed model's provenance."""
-    from moetool.surgery import PROVENANCE_NAME, fingerprint, read_provenance
+    from moetool.fingerprint import model_fingerprint
+    from moetool.outdir import MARKER
+    from moetool.surgery import read_provenance
 
     prov = read_provenance(compressed.path)
     if prov is None:
-        raise MoetoolError(f"{compressed.name}: no {PROVENANCE_NAME} (not written by moetool prune / merge-experts), "
-                           "so --ref cannot be checked to be its original")
-    fp = fingerprint(ref)
-    ref.close()
-    recorded = [x for x in (prov.get("source"), prov.get("origin")) if isinstance(x, dict)]
+        raise MoetoolError(f"{compressed.name}: its {MARKER} records no source (not written by moetool prune / "
+                           "merge-experts), so --ref cannot be checked to be its original")
+    fp = model_fingerprint(ref.rc, ref.path)
+    lin = prov["lineage"]
+    recorded = [x for x in (lin.get("source"), lin.get("origin")) if isinstance(x, dict)]
     if not any(x.get("fingerprint") == fp for x in recorded):
         names = " or ".join(dict.fromkeys(f"`{x.get('name')}`" for x in recorded))
         raise MoetoolError(f"--ref {ref.name} is not the model {compressed.name} was made from (it was made from "
@@ -979,7 +981,8 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
     directory that will not exist)."""
     from moetool.loading import load_model
     from moetool.prune import file_digest
-    from moetool.surgery import Checkpoint, check_output, fingerprint
+    from moetool.outdir import check_output
+    from moetool.surgery import Checkpoint
     from moetool.trace import read_texts
 
     started = time.perf_counter()
@@ -1016,13 +1019,15 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         calibration = {"file": str(file), "sha256": file_digest(file), "tokens": tokens, "texts": len(seqs)}
         if max_tokens is not None:
             calibration["max_tokens"] = int(max_tokens)
-        provenance = {**prov, "method": "heal", "healed": {
-            "from": {"name": display_name or compressed, "fingerprint": fingerprint(ckpt)},
-            "ref": {"name": ref, "fingerprint": (prov.get("origin") or prov.get("source") or {}).get("fingerprint")},
-            "calibration": calibration, "options": opts.as_dict()}}
-        from moetool import __version__
+        from moetool.fingerprint import model_fingerprint
+        from moetool.outdir import marker
 
-        provenance["moetool"] = __version__
+        provenance = marker("heal", source=display_name or compressed, family=rc.family.name,
+                            lineage=prov["lineage"], experts=prov.get("experts"), healed={
+                                "from": {"name": display_name or compressed,
+                                         "fingerprint": model_fingerprint(rc, ckpt.path), "command": prov.get("command")},
+                                "ref": {"name": ref, "fingerprint": model_fingerprint(rrc, ref_ckpt.path)},
+                                "calibration": calibration, "options": opts.as_dict()})
         result = {"model": display_name or compressed, "ref": ref, "out": str(out), "family": rc.family.name,
                   "num_experts": int(rc.num_experts), "calibration": calibration, "options": opts.as_dict(),
                   "layers": layers, "fit_seconds": round(fit_seconds, 3)}

@@ -48,13 +48,12 @@ from typing import Any, Callable
 
 from moetool.checks import check_complete, pickled_files
 from moetool.errors import MoetoolError
-from moetool.outdir import atomic_output_dir, check_disk_space, check_output, fsync_dir, marker
+from moetool.outdir import MARKER, atomic_output_dir, check_disk_space, check_output, fsync_dir, marker
 from moetool.safetensors_header import DTYPE_BYTES, HeaderEntry, checkpoint_files, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
-PROVENANCE_NAME = "moetool.json"  # what a moetool output was made from (heal checks --ref against it)
-NOT_COPIED = {INDEX_NAME, "config.json", "README.md", "pytorch_model.bin.index.json", PROVENANCE_NAME}
+NOT_COPIED = {INDEX_NAME, "config.json", "README.md", "pytorch_model.bin.index.json", MARKER}
 COPY_CHUNK = 64 * 2**20
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -656,7 +655,7 @@ def _copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
             continue
         if p.name in NOT_COPIED or p.suffix in WEIGHT_SUFFIXES:
             # the index, config, model card and provenance are written anew; other weight formats would be stale
-            if p.name not in (INDEX_NAME, "config.json", "README.md", PROVENANCE_NAME) and p.suffix != ".safetensors":
+            if p.name not in (INDEX_NAME, "config.json", "README.md", MARKER) and p.suffix != ".safetensors":
                 skipped.append(p.name)
             continue
         shutil.copy2(p, dst / p.name)
@@ -690,7 +689,8 @@ def run_surgery(ckpt: Checkpoint, plan: SurgeryPlan, out: str | Path, force: boo
     weight_map: dict[str, str] = {}
     files_written = []
     input_total = sum(t.source_bytes for _, ts in shards for t in ts)
-    mark = marker(plan.method, source=str(ckpt.name), family=ckpt.family.name)
+    mark = marker(plan.method, source=str(ckpt.name), family=ckpt.family.name, lineage=lineage(ckpt),
+                  experts={str(L): [o.sources for o in outs] for L, outs in sorted(plan.layers.items())})
     with atomic_output_dir(out, force, mark) as tmp:
         bar = _progress() if progress else None
         task = None
@@ -719,9 +719,6 @@ def run_surgery(ckpt: Checkpoint, plan: SurgeryPlan, out: str | Path, force: boo
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copied, skipped = _copy_side_files(ckpt.path, tmp)
         check = _verify_names(ckpt, config, weight_map, tmp)
-        write_provenance(tmp, ckpt, plan.method, {"experts": {str(L): [o.sources for o in outs]
-                                                              for L, outs in sorted(plan.layers.items())}})
-        ckpt.close()
         result = {
             "model": ckpt.name,
             "family": ckpt.family.name,
@@ -781,53 +778,26 @@ def _verify_names(ckpt: Checkpoint, new_config: dict, weight_map: dict, tmp: Pat
 
 
 # -- provenance ------------------------------------------------------------------------------------------------
-def fingerprint(ckpt: Checkpoint) -> str:
-    """A cheap identity of a checkpoint: sha256 of its config.json, every tensor's name, dtype and
-    shape, and the bytes of every router tensor (one row per expert: small, and different in any
-    two trained or fine-tuned models of the same shape), hashed straight from the files: a few KB
-    to MB read, no tensor built, never the experts."""
-    h = hashlib.sha256()
-    h.update((ckpt.path / "config.json").read_bytes())
-    for name in sorted(ckpt.entries):
-        ent = ckpt.entries[name]
-        h.update(f"{name}|{ent.dtype}|{list(ent.shape)}\n".encode())
-    for name in sorted(ckpt.entries):
-        if classify(ckpt, name).kind == "rows":
-            ent = ckpt.entries[name]
-            fd, pos, left = ckpt.fd(ent.file), ent.offset, ent.nbytes
-            while left:
-                chunk = os.pread(fd, min(left, COPY_CHUNK), pos)
-                if not chunk:
-                    raise MoetoolError(f"{ckpt.path / ent.file}: truncated while reading {name}")
-                h.update(chunk)
-                pos += len(chunk)
-                left -= len(chunk)
-    return h.hexdigest()
+def lineage(ckpt: Checkpoint) -> dict:
+    """What moetool.json records about where an output of CKPT comes from: ``source`` = CKPT (name
+    and model fingerprint, moetool.fingerprint: routing config and router bytes) and ``origin`` =
+    the uncompressed model at the start of the chain (CKPT's own origin when CKPT is itself a
+    moetool output, else CKPT). `moetool heal` checks its --ref against these."""
+    from moetool.fingerprint import model_fingerprint
+
+    src = {"name": ckpt.name, "fingerprint": model_fingerprint(ckpt.rc, ckpt.path)}
+    before = read_provenance(ckpt.path)
+    origin = before["lineage"].get("origin") if before else None
+    return {"source": src, "origin": origin if isinstance(origin, dict) else src}
 
 
 def read_provenance(path: str | Path) -> dict | None:
-    """The moetool.json of a checkpoint directory (None when it has none or it is unreadable)."""
-    f = Path(path) / PROVENANCE_NAME
+    """The moetool.json of a checkpoint directory when it records a lineage (None otherwise)."""
     try:
-        data = json.loads(f.read_text())
+        data = json.loads((Path(path) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == "moetool-provenance" else None
-
-
-def write_provenance(directory: Path, source: Checkpoint, method: str, extra: dict | None = None) -> dict:
-    """Write DIRECTORY/moetool.json: which checkpoint this output was made from (its name and
-    fingerprint) and the uncompressed model at the start of the chain (``origin``: the source's
-    own origin when the source is itself a moetool output, else the source)."""
-    from moetool import __version__
-
-    src = {"name": source.name, "fingerprint": fingerprint(source)}
-    before = read_provenance(source.path)
-    origin = before.get("origin") if before and isinstance(before.get("origin"), dict) else src
-    data = {"format": "moetool-provenance", "version": 1, "moetool": __version__, "method": method,
-            "source": src, "origin": origin, **(extra or {})}
-    (Path(directory) / PROVENANCE_NAME).write_text(json.dumps(data, indent=1) + "\n")
-    return data
+    return data if isinstance(data, dict) and isinstance(data.get("lineage"), dict) else None
 
 
 # -- model card --------------------------------------------------------------------------------------------------

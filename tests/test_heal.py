@@ -186,10 +186,11 @@ def test_layerwise_driver_matches_the_models_own_forward(tiny_fixture):
 def _unpruned_copy(src: Path, dst: Path) -> Path:
     """SRC copied with a provenance saying it was made from SRC (a compression that removed
     nothing)."""
-    from moetool.surgery import Checkpoint, write_provenance
+    from moetool.outdir import MARKER, marker
+    from moetool.surgery import Checkpoint, lineage
 
     shutil.copytree(src, dst)
-    write_provenance(dst, Checkpoint(str(src)), "prune")
+    (dst / MARKER).write_text(json.dumps(marker("prune", lineage=lineage(Checkpoint(str(src))))))
     return dst
 
 
@@ -247,7 +248,7 @@ def test_heal_works_on_every_family(tiny_fixture, tmp_path):
         assert classify(ckpt, n).kind in ("rows", "expert", "fused"), n
     assert json.loads((out / "config.json").read_text()) == json.loads((pruned / "config.json").read_text())
     prov = read_provenance(out)
-    assert prov["method"] == "heal" and prov["origin"] == read_provenance(pruned)["origin"]
+    assert prov["command"] == "heal" and prov["lineage"] == read_provenance(pruned)["lineage"]
     card = (out / "README.md").read_text()
     assert "healed" in card and "calib.txt" in card and "How the compressed model was made" in card
 
@@ -272,7 +273,7 @@ def test_heal_refuses_a_ref_that_is_not_the_origin(tmp_path):
     assert res.returncode == 2 and not (tmp_path / "o").exists()
     res = run_cli("heal", FIXTURES / "tiny-mixtral", "--ref", FIXTURES / "tiny-mixtral", "--file", calib,
                   "--out", tmp_path / "o")
-    assert_one_line_error(res, "moetool.json")
+    assert_one_line_error(res, "records no source")
 
 
 def test_heal_cli(tmp_path):
@@ -299,7 +300,7 @@ def test_prune_and_merge_heal_flag(tmp_path):
     data = json.loads(res.stdout)
     assert data["out"] == str(tmp_path / "p") and len(data["heal"]["layers"]) == 2
     prov = read_provenance(tmp_path / "p")
-    assert prov["method"] == "heal" and prov["source"]["name"] == str(src)
+    assert prov["command"] == "heal" and prov["lineage"]["source"]["name"] == str(src)
     assert "pruned experts" in (tmp_path / "p" / "README.md").read_text()  # the pruning card, inside the heal card
     from moetool.heal import HealOptions
     from moetool.merge import merge_checkpoint
@@ -307,7 +308,7 @@ def test_prune_and_merge_heal_flag(tmp_path):
     result = merge_checkpoint(str(src), str(tmp_path / "m"), 4, file=str(calib), max_tokens=100, heal=True,
                               heal_options=HealOptions(**FAST), progress=False)
     assert result["heal"]["calibration"]["tokens"] == 100
-    assert read_provenance(tmp_path / "m")["method"] == "heal"
+    assert read_provenance(tmp_path / "m")["command"] == "heal"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "m", "p"]  # no temporary directories left
     res = run_cli("prune", src, "--keep", "4", "--by", "random", "--heal", "--out", tmp_path / "r")
     assert_one_line_error(res, "--heal needs calibration text")
