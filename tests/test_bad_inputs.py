@@ -33,6 +33,7 @@ ARGS: dict[str, list[str] | None] = {
     "merge-experts": ["{model}", "--out", "{out}", "--to", "2", "--similarity", "weight", "--file", "{text}"],
     "eval": ["{model}", "--file", "{text}"],
     "distill": ["{model}", "--out", "{out}", "--file", "{text}", "--steps", "0"],
+    "heal": ["{model}", "--ref", str(MIXTRAL), "--file", "{text}", "--out", "{out}"],
 }
 
 
