@@ -31,11 +31,12 @@ through the model):
 
 Shared experts, attention, norms and embeddings are never changed.
 
-The driver (:func:`heal_models`) runs both models one decoder layer at a time over all
-calibration batches (``InMemoryLayerwise``: the inputs of every decoder layer's first call are
-captured once from the model's own forward, attention masks and position embeddings
-included, so every family's per-layer masks are exactly transformers'). It holds both models
-in memory; it is written so that a streaming executor's layerwise mode can replace it.
+The driver (:func:`heal_models`) is an observer on moetool's executor in layerwise mode
+(``HealObserver``): every decoder layer runs over all calibration batches with exactly the
+arguments the model's own forward passes it (per-layer-type attention masks, position
+embeddings), the MoE block's inputs are collected, and at the layer's end the block is healed
+and the layer's outputs recomputed before the next layer runs. Both models are held in memory
+(the original's blocks give the targets); streaming them layer by layer is not done yet.
 
 The output is an ordinary checkpoint of the same family and expert count: only the changed
 tensors (router rows, down projections) are written anew, every other tensor is copied byte
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from moetool.errors import MoetoolError
+from moetool.executor import Observer
 
 # transformers 5's fused expert parameters: [E, hidden, inter] or [E, inter, hidden]
 DOWN = "down_proj"
@@ -63,7 +65,6 @@ DEFAULT_ROUTER_REG = 0.1
 DEFAULT_EXPERTS_STEPS = 10
 DEFAULT_EXPERTS_REG = 0.1
 CHUNK_TOKENS = 4096
-TARGETS = ("block", "stream")
 
 
 @dataclass
@@ -73,7 +74,6 @@ class HealOptions:
     ridge: float = DEFAULT_RIDGE  # down projections: ridge towards the current matrices
     sweeps: int = 8  # Gauss-Seidel sweeps over the experts at most
     down: bool = True  # fit the down projections
-    target: str = "block"  # see heal_models
     experts_steps: int = DEFAULT_EXPERTS_STEPS  # L-BFGS iterations on all routed-expert weights, routing fixed
     experts_reg: float = DEFAULT_EXPERTS_REG
     shared: bool = False  # step 3 also refits what the block has besides routed experts (shared experts)
@@ -567,198 +567,85 @@ def make_batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[tu
 
 
 # -- the layer-by-layer driver -------------------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
+class HealObserver(Observer):
+    """Heals every MoE layer of the compressed model when moetool's executor (layerwise mode) has
+    run all calibration batches through it: the block's inputs are collected by a pre-hook (real
+    tokens only), the target is the original block on them, and ``layer_end`` heals the block in
+    place and returns True, so the executor recomputes the layer's outputs with the healed
+    weights before the next layer runs (which therefore sees the healed model's hidden states)."""
 
+    needs_logits = False
 
-def decoder_layers(model, blocks) -> list:
-    """The model's decoder layers (the ModuleList that holds the first MoE block's layer)."""
-    import torch
+    def __init__(self, ref_loaded, loaded, opts: HealOptions, log=None):
+        from moetool.loading import moe_blocks
 
-    names = {id(m): n for n, m in model.named_modules()}
-    L, block = blocks[0][0], blocks[0][1]
-    parts = names[id(block)].split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        if parts[i] == str(L):
-            holder = model.get_submodule(".".join(parts[:i]))
-            if isinstance(holder, torch.nn.ModuleList):
-                return list(holder)
-    raise MoetoolError("cannot find the model's decoder layers")
+        self.ref_blocks = {L: blk for L, blk, _r, _e in moe_blocks(ref_loaded)}
+        self.blocks = {L: (blk, router, experts) for L, blk, router, experts in moe_blocks(loaded)}
+        self.hidden = int(loaded.rc.fields["hidden_size"])
+        self.opts, self.log = opts, log
+        self.inputs: dict[int, list] = {}
+        self.rows: list[dict] = []
+        self.fitting = False
+        self.executor = None
 
+    def attach(self, executor, hooks) -> None:
+        self.executor = executor
+        for L, (blk, _router, _experts) in self.blocks.items():
+            hooks.pre(blk, self._collect(L))
 
-class InMemoryLayerwise:
-    """Runs a model one decoder layer at a time over all calibration batches, the model held in
-    memory. ``start`` runs the model's own forward once per batch, stopping at the last decoder
-    layer, and keeps what every decoder layer was called with (hidden states of the first;
-    attention mask, position embeddings and the rest of the keyword arguments of each: gpt-oss's
-    sliding and full-attention layers get different masks). Then ``run_layer(i)`` advances the
-    hidden states of every batch through layer i. (A stand-in for the streaming executor's
-    layerwise mode.)"""
-
-    def __init__(self, model, layers: list, batches: list[tuple], device):
-        self.model, self.layers, self.batches, self.device = model, layers, batches, device
-        self.hidden: list = []
-        self.kwargs: list[list[dict]] = [[] for _ in layers]
-
-    def start(self) -> None:
-        import torch
-
-        handles = []
-        last = len(self.layers) - 1
-
-        def pre(i):
-            def hook(module, args, kwargs):
-                kw = dict(kwargs)
-                h = args[0] if args else kw.pop("hidden_states")
-                if args[1:]:
-                    raise MoetoolError("decoder layers called with positional arguments beyond the hidden states")
-                self.kwargs[i].append(kw)
-                if i == 0:
-                    self.hidden.append(h.detach())
-                if i == last:
-                    raise _Stop
-
-            return hook
-
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
-        base = self.model.base_model
-        try:
-            with torch.no_grad():
-                for ids, mask in self.batches:
-                    try:
-                        base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
-                    except _Stop:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
-        if len(self.hidden) != len(self.batches) or any(len(k) != len(self.batches) for k in self.kwargs):
-            raise MoetoolError("could not capture every decoder layer's inputs")
-
-    def valid(self, b: int):
-        return self.batches[b][1].reshape(-1).bool()
-
-    def block_inputs(self, i: int, block) -> Any:
-        """What BLOCK (inside layer i) receives for every real token of every batch: [T, H]."""
-        import torch
-
-        got = []
-
+    def _collect(self, L: int):
         def hook(module, args):
-            got.append(args[0].detach())
-            raise _Stop
+            ex = self.executor
+            if self.fitting or ex.busy or ex.current is None:  # our own calls, the executor's recompute
+                return None
+            x = args[0]
+            x = x.reshape(-1, x.shape[-1])
+            self.inputs.setdefault(L, []).append(x[ex.current.valid.to(x.device)].detach())
+            return None
 
-        handle = block.register_forward_pre_hook(hook)
-        xs = []
+        return hook
+
+    def heal(self, L: int, x) -> dict:
+        blk, router, experts = self.blocks[L]
+        y = run_block(self.ref_blocks[L], x)
+        return heal_block(blk, router, experts, x, y, self.hidden, _intermediate(experts, self.hidden), self.opts)
+
+    def layer_end(self, layer: int) -> bool:
+        import torch
+
+        if layer not in self.blocks:
+            return False
+        x = torch.cat(self.inputs.pop(layer))
+        self.fitting = True
         try:
-            with torch.no_grad():
-                for b, h in enumerate(self.hidden):
-                    got.clear()
-                    try:
-                        self.layers[i](h, **self.kwargs[i][b])
-                    except _Stop:
-                        pass
-                    x = got[0].reshape(-1, got[0].shape[-1])
-                    xs.append(x[self.valid(b).to(x.device)])
+            info = self.heal(layer, x)
         finally:
-            handle.remove()
-        return torch.cat(xs)
-
-    def block_io(self, i: int, block) -> tuple:
-        """Layer i run on every batch: what BLOCK receives, and the rest of the layer's output
-        (the layer's output minus the block's: the residual stream before the block), for every
-        real token: ([T, H], [T, H])."""
-        import torch
-
-        got: dict = {}
-
-        def pre(module, args):
-            got["x"] = args[0].detach()
-
-        def post(module, args, output):
-            got["y"] = _block_out(output).detach()
-
-        handles = [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
-        xs, rest = [], []
-        try:
-            with torch.no_grad():
-                for b, h in enumerate(self.hidden):
-                    out = self.layers[i](h, **self.kwargs[i][b])
-                    out = out[0] if isinstance(out, tuple) else out
-                    v = self.valid(b).to(out.device)
-                    H = out.shape[-1]
-                    xs.append(got["x"].reshape(-1, H)[v])
-                    rest.append((out.reshape(-1, H) - got["y"].reshape(-1, H))[v])
-        finally:
-            for hd in handles:
-                hd.remove()
-        return torch.cat(xs), torch.cat(rest)
-
-    def hidden_tokens(self):
-        """The current hidden states of every real token: [T, H]."""
-        import torch
-
-        return torch.cat([h.reshape(-1, h.shape[-1])[self.valid(b).to(h.device)] for b, h in enumerate(self.hidden)])
-
-    def run_layer(self, i: int) -> None:
-        import torch
-
-        with torch.no_grad():
-            for b, h in enumerate(self.hidden):
-                out = self.layers[i](h, **self.kwargs[i][b])
-                self.hidden[b] = out[0] if isinstance(out, tuple) else out
+            self.fitting = False
+        if info is None:
+            return False
+        info["layer"] = layer
+        self.rows.append(info)
+        if self.log:
+            self.log(f"layer {layer}: block error {info['relative_before']:.4f} -> {info['relative_after']:.4f} "
+                     f"(relative), {info['seconds']:.1f} s")
+        return not info["reverted"]
 
 
-def heal_models(ref_loaded, loaded, batches: list[tuple], opts: HealOptions, log=None) -> list[dict]:
+def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOptions, batch_size: int = 8,
+                log=None, progress=None) -> list[dict]:
     """Heal LOADED (the compressed model, in place) against REF_LOADED (its original) on the
-    calibration BATCHES, one decoder layer at a time. Returns one row per MoE layer.
+    calibration token SEQUENCES, one decoder layer at a time (moetool.executor, layerwise mode:
+    every decoder layer runs over all batches with exactly the arguments the model's own forward
+    passes it: attention masks by layer type, position embeddings). Both models are held in
+    memory. Returns one row per MoE layer."""
+    from moetool.executor import Executor
 
-    The target of each block (``opts.target``): ``block`` = the original block's output on the
-    compressed model's inputs; ``stream`` = what would bring the compressed model's hidden
-    states after the layer to the original model's (the original's next hidden states minus
-    the compressed layer's residual stream before the block), which also asks the block to undo
-    the error of earlier layers."""
-    from moetool.loading import moe_blocks
-
-    if opts.target not in TARGETS:
-        raise MoetoolError(f"--target {opts.target}: choose from {', '.join(TARGETS)}")
     for m in (loaded.model, ref_loaded.model):
         _eager_experts(m)
-    blocks = moe_blocks(loaded)
-    ref_blocks = {L: blk for L, blk, _r, _e in moe_blocks(ref_loaded)}
-    layers = decoder_layers(loaded.model, blocks)
-    runner = InMemoryLayerwise(loaded.model, layers, batches, loaded.input_device)
-    runner.start()
-    ref_runner = None
-    if opts.target == "stream":
-        ref_runner = InMemoryLayerwise(ref_loaded.model, decoder_layers(ref_loaded.model, moe_blocks(ref_loaded)),
-                                       batches, ref_loaded.input_device)
-        ref_runner.start()
-    by_layer = {L: (blk, router, experts) for L, blk, router, experts in blocks}
-    H = int(loaded.rc.fields["hidden_size"])
-    rows = []
-    for i in range(len(layers)):
-        if ref_runner is not None:
-            ref_runner.run_layer(i)
-        if i in by_layer:
-            blk, router, experts = by_layer[i]
-            inter = _intermediate(experts, H)
-            if ref_runner is not None:
-                x, rest = runner.block_io(i, blk)
-                y = ref_runner.hidden_tokens().to(rest.device) - rest
-            else:
-                x = runner.block_inputs(i, blk)
-                y = run_block(ref_blocks[i], x)
-            info = heal_block(blk, router, experts, x, y, H, inter, opts)
-            info["layer"] = i
-            rows.append(info)
-            if log:
-                log(f"layer {i}: block error {info['relative_before']:.4f} -> {info['relative_after']:.4f} "
-                    f"(relative), {info['seconds']:.1f} s")
-        if i < len(layers) - 1:
-            runner.run_layer(i)
-    return rows
+    observer = HealObserver(ref_loaded, loaded, opts, log)
+    Executor(loaded, batch_size=batch_size, mode="layerwise", progress=progress, description="heal").run(
+        sequences, [observer])
+    return observer.rows
 
 
 def _eager_experts(model) -> None:
@@ -1001,18 +888,17 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         raise MoetoolError(f"{compressed}: no MoE layers to heal")
     texts = read_texts((), file)
     load_options = dict(load_options or {})
-    loaded = load_model(compressed, **load_options)
-    ref_loaded = load_model(ref, **load_options)
+    if load_options.pop("stream", None) or load_options.pop("run_dir", None) or load_options.pop("resume", None):
+        raise MoetoolError("heal holds both models in memory: --stream, --run-dir and --resume are not supported yet")
+    loaded = load_model(compressed, **load_options, stream=False)
+    ref_loaded = load_model(ref, **load_options, stream=False)
     try:
         plan = write_plan(ckpt, loaded)
         if loaded.tokenizer is None:
             raise MoetoolError(f"{compressed}: no tokenizer in this checkpoint; cannot read the calibration text")
         seqs = calibration_ids(loaded.tokenizer, texts, max_tokens)
-        from moetool.trace import _pad_id
-
-        batches = make_batches(seqs, batch_size, _pad_id(loaded))
         t0 = time.perf_counter()
-        layers = heal_models(ref_loaded, loaded, batches, opts, log=log)
+        layers = heal_models(ref_loaded, loaded, seqs, opts, batch_size=batch_size, log=log)
         fit_seconds = time.perf_counter() - t0
         healed = {r["layer"] for r in layers if not r["reverted"]}
         tokens = sum(len(s) for s in seqs)

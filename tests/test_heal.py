@@ -157,29 +157,40 @@ def test_down_orientation_when_hidden_equals_intermediate(family):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_layerwise_driver_matches_the_models_own_forward(tiny_fixture):
-    """Running decoder layers one at a time with the captured keyword arguments reproduces the
-    model's own hidden states (every family: per-layer masks, position embeddings, padding)."""
+def test_heal_observer_sees_what_each_block_gets_in_the_models_own_forward(tiny_fixture):
+    """The executor-driven heal collects, for every MoE layer, exactly the inputs the block gets
+    in the model's own forward (real tokens only, padding dropped; every family: per-layer masks,
+    position embeddings)."""
     import torch
 
-    from moetool.heal import InMemoryLayerwise, decoder_layers, make_batches
+    from moetool.executor import Executor
+    from moetool.heal import HealObserver, HealOptions
     from moetool.loading import load_model, moe_blocks
 
     loaded = load_model(str(tiny_fixture), dtype="float32")
     torch.manual_seed(0)
     seqs = [torch.randint(4, 200, (n,)).tolist() for n in (5, 17, 11, 30)]
-    batches = make_batches(seqs, 3, 0)
-    layers = decoder_layers(loaded.model, moe_blocks(loaded))
-    runner = InMemoryLayerwise(loaded.model, layers, batches, torch.device("cpu"))
-    runner.start()
-    for i in range(len(layers) - 1):
-        runner.run_layer(i)
-    with torch.no_grad():
-        for b, (ids, mask) in enumerate(batches):
-            want = loaded.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False,
-                                           output_hidden_states=True).hidden_states[len(layers) - 1]
-            v = mask.bool()
-            assert torch.allclose(runner.hidden[b][v], want[v], atol=1e-5), tiny_fixture.name
+    obs = HealObserver(loaded, loaded, HealOptions())
+    got = {}
+    obs.heal = lambda L, x: got.__setitem__(L, x)  # collect only: heal nothing
+    Executor(loaded, batch_size=3, mode="layerwise").run(seqs, [obs])
+    want = {}
+    def keep(L):
+        return lambda m, a: want.setdefault(L, []).append(a[0].reshape(-1, a[0].shape[-1]))
+
+    handles = [blk.register_forward_pre_hook(keep(L)) for L, blk, _r, _e in moe_blocks(loaded)]
+    try:
+        with torch.no_grad():
+            for s in sorted(seqs, key=len):  # one sequence at a time: no padding at all
+                loaded.model(input_ids=torch.tensor([s]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(got) == sorted(want)
+    for L in got:
+        a, b = got[L], torch.cat(want[L])
+        assert a.shape == b.shape, (tiny_fixture.name, L)
+        assert torch.allclose(a, b, atol=1e-5), (tiny_fixture.name, L)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from moetool.commands._loading_options import loading_options
-from moetool.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS, TARGETS
+from moetool.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS
 
 
 @click.command("heal")
@@ -26,22 +26,20 @@ from moetool.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAULT_ROUTER_RE
               help="Down projections: ridge towards the current weights (relative to each expert's Gram matrix).")
 @click.option("--router-reg", type=click.FloatRange(min=0), default=DEFAULT_ROUTER_REG, show_default=True,
               help="Router rows: ridge towards the current rows (relative to the initial error).")
-@click.option("--target", type=click.Choice(TARGETS), default=TARGETS[0], show_default=True,
-              help="block: match the original block's output on the same inputs; stream: match the original "
-                   "model's hidden states after the layer.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
-@loading_options
-def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, experts_steps, ridge, router_reg, target, force, as_json,
-            load_options) -> None:
+@loading_options(stream=False)
+def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, experts_steps, ridge, router_reg, force,
+            as_json, load_options) -> None:
     """Heal COMPRESSED (a `moetool prune` or `merge-experts` output) against --ref, the model it
-    was made from: for each MoE layer in order, refit the router rows and the experts' down
-    projections so that the block's output matches the original's on the calibration text.
+    was made from: for each MoE layer in order, refit the router rows and the routed experts
+    (down projections in closed form) so that the block's output matches the original's on the
+    calibration text.
     Writes an ordinary checkpoint of the same shape (--out appears only when complete).
     """
     from moetool.heal import HealOptions, heal_checkpoint
 
-    opts = HealOptions(router_steps=router_steps, experts_steps=experts_steps, ridge=ridge, router_reg=router_reg, target=target)
+    opts = HealOptions(router_steps=router_steps, experts_steps=experts_steps, ridge=ridge, router_reg=router_reg)
     result = heal_checkpoint(compressed, ref, file, out, max_tokens=max_tokens, batch_size=batch_size, options=opts,
                              force=force, load_options=load_options, progress=not as_json)
     if as_json:

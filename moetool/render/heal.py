@@ -14,7 +14,7 @@ def render_heal(result: dict) -> None:
     con.print(f"[bold]heal[/bold] {result['model']} ({result['family']}, {result['num_experts']} experts per MoE layer) "
               f"against {result['ref']} -> {result['out']}")
     con.print(f"calibration: {cal['file']} ({cal['tokens']:,} tokens in {cal['texts']} texts); "
-              f"target {o['target']}, router steps {o['router_steps']}, ridge {o['ridge']}")
+              f"router steps {o['router_steps']}, expert steps {o['experts_steps']}, ridge {o['ridge']}")
     table = Table(title="block output error vs the target (relative mean square, calibration tokens)")
     for col in ("layer", "before", "after", "router", "down projections", "seconds"):
         table.add_column(col, justify="left" if col in ("router", "down projections") else "right")
