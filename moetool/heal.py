@@ -938,8 +938,9 @@ def _card(result: dict, ckpt) -> str:
              f"`{result['model']}` (a compressed {result['family']} checkpoint, {result['num_experts']} routed experts "
              f"per MoE layer) healed by moetool against its original `{result['ref']}`: each MoE layer in turn, on the "
              "hidden states that reach it in the healed model so far, the router rows were refitted by "
-             f"{o['router_steps']} L-BFGS steps and the experts' down projections by ridge least squares "
-             f"(ridge {o['ridge']}) so that the block's output matches the original block's on the same inputs. "
+             f"{o['router_steps']} L-BFGS steps, the routed experts' weights by {o['experts_steps']} L-BFGS steps with "
+             f"the routing fixed, and their down projections by ridge least squares (ridge {o['ridge']}) so that "
+             "the block's output matches the original block's on the same inputs. "
              "Shared experts, attention, embeddings and norms are unchanged; so are the expert count and config.",
              "",
              f"- Written by: moetool {__version__} (`moetool heal`)",
@@ -952,20 +953,20 @@ def _card(result: dict, ckpt) -> str:
              "Mean squared error of the block's output against the original block's on the calibration tokens, "
              "relative to the mean square of the original block's output.",
              "",
-             "| layer | before | after | router steps kept | down-projection sweeps |",
+             "| layer | before | after | router refit kept | down projections solved |",
              "|---:|---:|---:|---|---:|"]
     for r in result["layers"]:
         router = r.get("router") or {}
         down = r.get("down") or {}
         lines.append(f"| {r['layer']} | {r['relative_before']:.4f} | {r['relative_after']:.4f} | "
                      f"{'reverted' if r['reverted'] else ('yes' if router.get('kept') else 'no')} | "
-                     f"{down.get('sweeps', '-')} |")
+                     f"{'-' if not down else ('jointly' if down.get('sweeps') == 0 else str(down['sweeps']) + ' sweeps')} |")
     previous = (ckpt.path / "README.md")
     if previous.is_file():
         body = previous.read_text()
         m = re.match(r"^---\n.*?\n---\n", body, flags=re.S)
         body = body[m.end():] if m else body
-        lines += ["", "## How the compressed model was made", "", body.strip().replace("\n# ", "\n### ", 1)]
+        lines += ["", "## How the compressed model was made", "", re.sub(r"^# ", "### ", body.strip(), count=1, flags=re.M)]
     lines += ["", "Loads with `transformers.AutoModelForCausalLM.from_pretrained` (no custom code).", ""]
     return "\n".join(lines)
 
