@@ -62,7 +62,7 @@ def summarize(
     roles = _empty_roles()
     layers: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for role, numel, layer in entries:
-        roles[role]["total"] += numel
+        roles.setdefault(role, {"total": 0, "active": 0})["total"] += numel
         if layer is not None:
             layers[layer][role] += numel
     ratio = rc.top_k / rc.num_experts if rc.num_experts else 0.0

@@ -35,10 +35,21 @@ def resolve_family(source: ModelSource) -> ResolvedConfig:
         rc = fam.resolve(source.config)
         if not rc.num_experts:
             raise MoetoolError(f"{source.name}: a dense model (no routed experts), not a mixture of experts")
+        top_k = rc.top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            keys = ", ".join(_config_keys(fam, "top_k")) or "top_k"
+            raise MoetoolError(f"{source.name}: the config gives no number of experts per token "
+                               f"({keys} is {top_k!r}); set it to the model's top-k")
         rc.moe_layers  # evaluate once, so config problems surface here
     except MissingField as exc:
         raise MoetoolError(f"{source.name}: {exc} (needed by the {fam.name} family)") from None
     return rc
+
+
+def _config_keys(fam, field_name: str) -> list[str]:
+    from moetool.surgery import config_keys
+
+    return config_keys(fam, field_name)
 
 
 def count_params(model: str, per_layer: bool = False, context: int = 4096) -> dict:
@@ -48,6 +59,8 @@ def count_params(model: str, per_layer: bool = False, context: int = 4096) -> di
     report = count_config(rc, per_layer=per_layer, context=context)
     report["model"] = source.name
     report["source"] = source.kind
+    report["family_level"] = rc.family.level
+    report["warnings"].extend(rc.family.spec.get("notes", []))
     if source.wrapper:
         report["warnings"].append(f"counted the language model under text_config of a '{source.wrapper}' wrapper")
     if source.preset:
@@ -110,7 +123,7 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         warnings.append(f"{len(unknown)} tensors match no {fam.name} template and are not counted: {shown}")
     for role, counts in report["roles"].items():
-        expected = config_report["roles"][role]["total"]
+        expected = config_report["roles"].get(role, {}).get("total", 0)
         if counts["total"] != expected:
             warnings.append(
                 f"disk and config disagree on {role}: {counts['total']:,} on disk, {expected:,} from config.json"

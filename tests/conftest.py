@@ -30,3 +30,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, needle: str = "")
 @pytest.fixture(params=TINY, ids=[p.name for p in TINY])
 def tiny_fixture(request) -> Path:
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _moetool_cache(tmp_path_factory):
+    """Derived family specs and the families scan go to a per-session cache, never ~/.cache."""
+    import os
+
+    old = os.environ.get("MOETOOL_CACHE_DIR")
+    os.environ["MOETOOL_CACHE_DIR"] = str(tmp_path_factory.mktemp("moetool-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MOETOOL_CACHE_DIR", None)
+    else:
+        os.environ["MOETOOL_CACHE_DIR"] = old

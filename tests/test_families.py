@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY
 from moetool.errors import MoetoolError
 from moetool.expr import MissingField, evaluate
-from moetool.families import ROLES, all_families, family_for_config
+from moetool.families import ALL_ROLES, all_families, family_for_config
 
 FAMILIES = sorted(all_families())
 REQUIRED_FIELDS = {
@@ -28,7 +28,7 @@ def test_spec_is_well_formed(name):
     assert set(groups) <= {"model", "layer", "moe_layer", "expert", "dense_layer", "mtp_layer"}
     for group, templates in groups.items():
         for t in templates:
-            assert t["role"] in ROLES, (group, t)
+            assert t["role"] in ALL_ROLES, (group, t)
             assert ("{E}" in t["name"]) == (group == "expert"), t["name"]
             assert ("{L}" in t["name"]) == (group != "model"), t["name"]
     routers = [t for t in groups["moe_layer"] if t["role"] == "router"]

@@ -369,7 +369,7 @@ def test_corrupt_safetensors_header(tmp_path, damage):
 
 def test_unsupported_family(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "jamba", "architectures": ["JambaForCausalLM"]}))
+    path.write_text(json.dumps({"model_type": "not_a_model", "architectures": ["NotAModelForCausalLM"]}))
     assert_one_line_error(run_cli("params", str(path)), "unsupported model family")
 
 

@@ -30,6 +30,11 @@ ROLES = (
     "norms",
     "lm_head",
 )
+# roles that only some families have: token mixers that are not softmax attention (linear
+# attention, Mamba/SSM, convolution), and parameters no other role describes. Reports list them
+# only when a model has them.
+EXTRA_ROLES = ("mixers", "other")
+ALL_ROLES = ROLES + EXTRA_ROLES
 _MISSING = object()
 
 
@@ -117,6 +122,11 @@ class Family:
     @property
     def transformers_model_type(self) -> str:
         return self.spec.get("transformers_model_type", self.name)
+
+    @property
+    def level(self) -> str:
+        """"curated" (a moetool/families/*.json) or "derived" (from transformers' model)."""
+        return self.spec.get("level", "curated")
 
     @property
     def runtime_layouts(self) -> list[dict]:
@@ -230,6 +240,20 @@ def family_for_config(config: dict) -> Family:
                 return fam
     if model_type in DENSE_MODEL_TYPES:
         raise MoetoolError(f"'{model_type}' is a dense model, not a mixture of experts")
+    if model_type:
+        return derived_family(config)
     known = ", ".join(sorted(f.name for f in families))
-    what = model_type or (config.get("architectures") or ["?"])[0]
-    raise MoetoolError(f"unsupported model family '{what}' (known: {known})")
+    what = (config.get("architectures") or ["?"])[0]
+    raise MoetoolError(f"unsupported model family '{what}' (known: {known}; a config.json without model_type "
+                       "cannot be derived from transformers)")
+
+
+def derived_family(config: dict) -> Family:
+    """The family derived from transformers' own model for CONFIG (cached; see moetool.derive)."""
+    from moetool.derive import derived_spec, transformers_available
+
+    if not transformers_available():
+        known = ", ".join(sorted(all_families()))
+        raise MoetoolError(f"unsupported model family '{config.get('model_type')}' (curated: {known}; other "
+                           "families are derived from transformers, which is not installed)")
+    return Family(derived_spec(config))

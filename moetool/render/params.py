@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moetool.families import ROLES
+from moetool.families import ALL_ROLES
 from moetool.render import console, human_bytes, human_count
 
 ROLE_LABELS = {
@@ -14,6 +14,8 @@ ROLE_LABELS = {
     "dense_mlp": "dense MLP layers",
     "norms": "norms",
     "lm_head": "LM head",
+    "mixers": "linear-attention / SSM / conv mixers",
+    "other": "other (residual gates, scales)",
 }
 
 
@@ -28,8 +30,8 @@ def render_params(report: dict) -> None:
     table.add_column("total", justify="right")
     table.add_column("active / token", justify="right")
     table.add_column("share of total", justify="right")
-    for role in ROLES:
-        counts = report["roles"][role]
+    for role in ALL_ROLES:
+        counts = report["roles"].get(role, {"total": 0})
         if counts["total"] == 0:
             continue
         table.add_row(
