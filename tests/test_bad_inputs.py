@@ -116,8 +116,11 @@ BAD = {
 }
 
 
+NO_MODEL = {"families"}  # commands that read no model (moetool families lists what transformers has)
+
+
 def _commands() -> list[str]:
-    return LazyGroup().list_commands(None)
+    return [c for c in LazyGroup().list_commands(None) if c not in NO_MODEL]
 
 
 def _digest(d: Path) -> dict[str, str]:
