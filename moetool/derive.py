@@ -242,7 +242,10 @@ def _config_key(raw: dict, text: dict, value, must_contain: tuple[str, ...]) -> 
     key first, so surgery rewrites what the user's config.json has)."""
     for source in (raw, text):
         for key, v in source.items():
-            if isinstance(v, int) and not isinstance(v, bool) and v == value and any(s in key.lower() for s in must_contain):
+            low = key.lower()
+            if low.endswith("token_id") or low.endswith("_ids"):
+                continue
+            if isinstance(v, int) and not isinstance(v, bool) and v == value and any(s in low for s in must_contain):
                 return key
     return None
 
@@ -411,6 +414,12 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
         cand = [text.get(k) for k in _TOPK_ATTRS if k != "k"]
         top_k = next((c for c in cand if isinstance(c, int)), None)
     notes, unsafe = [], []
+    per_block = defaultdict(int)
+    for name in info["moe"]["experts"]:
+        per_block[_LAYER_RX.search(name + ".").group(1) if _LAYER_RX.search(name + ".") else name] += 1
+    if any(n > 1 for n in per_block.values()):
+        unsafe.append("a layer has several experts modules (mixture-of-attention or split experts), "
+                      "which moetool's surgery does not cut")
     if len(counts) > 1:
         unsafe.append(f"the number of experts differs between layers ({sorted(counts)})")
     zero = 0
@@ -493,6 +502,12 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
         if proj:
             entry["proj"] = {"w1": "gate", "w3": "up", "w2": "down"}.get(proj.group(1), proj.group(1))
         tensors["expert"].append(entry)
+    for t in tensors["moe_layer"]:
+        shape = t["shape"]
+        if t["role"] in ("router", "routed_experts") and not (t.get("expert_rows") or t.get("fused")) \
+                and E in shape[1:]:
+            unsafe.append(f"{t['name']} holds one entry per expert along dimension {shape.index(E)} "
+                          "(surgery cuts dimension 0)")
     merged: dict[tuple, list[int]] = defaultdict(list)
     for t in groups_extra:  # the same name template in several layers: one entry with their layers
         m = _LAYER_RX.search(t["name"])
@@ -508,7 +523,7 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
         unsafe.append("no router tensor with one row per expert")
 
     e_key = _config_key(raw, text, E, ("expert",))
-    k_key = _config_key(raw, text, top_k, ("tok", "top", "_k")) if top_k else None
+    k_key = _config_key(raw, text, top_k, ("per_tok", "top", "_k", "per_token")) if top_k else None
     defaults = {}
     for key in (e_key, k_key):
         if key and key not in raw:
@@ -527,6 +542,10 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
         for t in tensors["moe_layer"]:
             if t.get("fused") and t["name"].endswith("down_proj") and len(t["shape"]) == 3:
                 expert_inter = min(t["shape"][1:]) if hidden not in t["shape"][1:] else [d for d in t["shape"][1:] if d != hidden][0] if any(d != hidden for d in t["shape"][1:]) else hidden
+    if not expert_inter:  # experts modules without gate/up/down names (JetMoE's input/output_linear)
+        dims = [d for p in model.get_submodule(next(iter(info["moe"]["experts"]))).parameters(recurse=False)
+                if p.dim() == 3 for d in p.shape[1:] if d != hidden]
+        expert_inter = min(dims) if dims else 1
     heads = int(text.get("num_attention_heads") or 0)
     kv_heads = int(text.get("num_key_value_heads") or heads or 0)
     head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))

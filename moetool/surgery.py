@@ -113,6 +113,10 @@ class Checkpoint:
         self.source = source
         self.rc = resolve_family(source)
         self.family = self.rc.family
+        refusal = (self.family.spec.get("surgery") or {}).get("unsupported")
+        if refusal:  # from the family spec (curated) or found while deriving it
+            raise MoetoolError(f"{model}: moetool cannot cut experts out of a {self.family.name} checkpoint safely: "
+                               f"{refusal}")
         self.raw_config = read_json(self.path / "config.json")
         files = checkpoint_files(self.path)
         if not files:

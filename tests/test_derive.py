@@ -83,9 +83,10 @@ def test_routing_interface_is_recorded(scan):
 
 def test_derived_spec_layouts_and_disk_names(tmp_path):
     from moetool.catalog import tiny_config
-    from moetool.families import family_for_config
+    from moetool.derive import derived_spec
+    from moetool.families import Family
 
-    fam = family_for_config(tiny_config("glm4_moe"))
+    fam = Family(derived_spec(tiny_config("glm4_moe")))  # curated too; derived here on purpose
     assert fam.level == "derived"
     rc = fam.resolve(tiny_config("glm4_moe"))
     assert rc.moe_layers == [1, 2, 3] and rc.num_experts == 8 and rc.top_k == 2
