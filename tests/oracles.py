@@ -31,7 +31,7 @@ def routing_mask(model, kept: dict[int, list[int]]):
         mask[dropped] = float("-inf")
         real_forward = router.forward
 
-        def forward(hidden, _real=real_forward, _mask=mask, _router=router):
+        def forward(*args, _real=real_forward, _mask=mask, _router=router, **kwargs):
             real_linear = torch.nn.functional.linear
 
             def linear(x, w, b=None):
@@ -41,12 +41,13 @@ def routing_mask(model, kept: dict[int, list[int]]):
                 return y
 
             with mock.patch.object(torch.nn.functional, "linear", linear):
-                return _real(hidden)
+                return _real(*args, **kwargs)  # some routers also take the block's bias
 
         router.forward = forward
         restore.append(lambda r=router: r.__dict__.pop("forward", None))
-        if hasattr(router, "e_score_correction_bias"):
-            bias = router.e_score_correction_bias
+        holder = router if hasattr(router, "e_score_correction_bias") else _block  # MiniMax-M2 keeps it on the block
+        if hasattr(holder, "e_score_correction_bias"):
+            bias = holder.e_score_correction_bias
             saved = bias.detach().clone()
             with torch.no_grad():
                 bias[dropped] = float("-inf")

@@ -48,7 +48,9 @@ def dsv3_16(tmp_path_factory) -> Path:
 
 
 EXACT_CASES = [("tiny-mixtral", 4), ("tiny-qwen3-moe", 5), ("tiny-qwen2-moe", 3), ("tiny-olmoe", 4),
-               ("tiny-deepseek-v2", 4), ("tiny-gpt-oss", 4), ("dsv3-16", 8)]
+               ("tiny-deepseek-v2", 4), ("tiny-gpt-oss", 4), ("dsv3-16", 8),
+               ("tiny-glm4-moe", 5), ("tiny-minimax-m2", 4), ("tiny-qwen3-next", 5),
+               ("derived-jamba", 4)]
 
 
 @pytest.mark.parametrize("name,keep", EXACT_CASES, ids=[c[0] for c in EXACT_CASES])
@@ -75,7 +77,8 @@ def test_pruned_model_equals_original_with_dropped_experts_masked(name, keep, tm
     diff = (want - got).abs().max().item()
     assert diff < 1e-4, diff
     assert (unmasked - got).abs().max().item() > 100 * max(diff, 1e-6)  # masking mattered
-    router = next(m for n, m in pruned.named_modules() if n.endswith((".mlp.gate", ".mlp.router")) and hasattr(m, "weight"))
+    router = next(m for n, m in pruned.named_modules()
+                  if n.endswith((".mlp.gate", ".mlp.router", ".feed_forward.router")) and hasattr(m, "weight"))
     assert router.weight.shape[0] == keep == len(next(iter(kept.values())))
 
 

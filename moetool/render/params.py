@@ -24,7 +24,8 @@ def render_params(report: dict) -> None:
 
     con = console()
     arch = report["architecture"]
-    title = f"{report['model']}  ({arch['family']}, from {report['source']})"
+    level = " family derived from transformers" if report.get("family_level") == "derived" else ""
+    title = f"{report['model']}  ({arch['family']}{level}, from {report['source']})"
     table = Table(title=title, title_justify="left")
     table.add_column("role")
     table.add_column("total", justify="right")

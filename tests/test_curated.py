@@ -1,0 +1,109 @@
+"""Curated families (hand-reviewed JSON, no torch at run time) against transformers' own model on
+the meta device, over several config variants each, and against the derived spec."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moetool.families import all_families
+
+pytest.importorskip("transformers")
+
+# model_type -> config variants (on top of transformers' defaults with few layers and experts)
+_MLA = [
+    {},
+    {"attention_bias": True, "first_k_dense_replace": 1, "n_shared_experts": 2},
+    {"mlp_layer_types": ["dense", "sparse", "dense", "sparse", "sparse"], "tie_word_embeddings": True},
+]
+VARIANTS = {
+    "qwen3_next": [{}, {"full_attention_interval": 2, "attention_bias": True, "mlp_only_layers": [0]},
+                   {"layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention"],
+                    "decoder_sparse_step": 2, "linear_num_key_heads": 8, "head_dim": 128}],
+    "qwen3_5_moe_text": [{}, {"full_attention_interval": 2, "tie_word_embeddings": True},
+                         {"layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention"],
+                          "linear_value_head_dim": 64, "attention_bias": True}],
+    "minimax_m2": [{}, {"head_dim": 64, "num_key_value_heads": 2, "tie_word_embeddings": True}],
+    "phimoe": [{}, {"attention_bias": True, "lm_head_bias": True}, {"num_key_value_heads": 4, "tie_word_embeddings": True}],
+    "ernie4_5_moe": [{}, {"use_bias": True, "tie_word_embeddings": False, "moe_num_shared_experts": 0},
+                     {"moe_layer_start_index": 0, "moe_layer_interval": 2, "moe_layer_end_index": 2,
+                      "moe_num_shared_experts": 2}],
+    "deepseek_v32": _MLA + [{"index_n_heads": 16, "index_head_dim": 64}],
+    "glm_moe_dsa": _MLA + [{"index_n_heads": 8}],
+    "glm4_moe_lite": [{}, {"q_lora_rank": None}, {"attention_bias": True, "first_k_dense_replace": 2,
+                                                  "qk_rope_head_dim": 32, "v_head_dim": 96}],
+    "glm4_moe": [
+        {},
+        {"attention_bias": True, "use_qk_norm": True, "first_k_dense_replace": 2, "head_dim": 64},
+        {"n_shared_experts": 2, "tie_word_embeddings": True, "first_k_dense_replace": 0, "num_key_value_heads": 2},
+    ],
+}
+CURATED = sorted(mt for f in all_families().values() for mt in f.spec["model_types"] if mt in VARIANTS)
+
+
+def _cases():
+    for mt in CURATED:
+        for i, v in enumerate(VARIANTS[mt]):
+            yield pytest.param(mt, v, id=f"{mt}-{i}")
+
+
+@pytest.mark.parametrize("model_type,overrides", list(_cases()))
+def test_curated_equals_transformers(model_type, overrides, tmp_path):
+    from moetool.catalog import tiny_config
+    from moetool.derive import build_meta_model, hf_config_for, meta_count
+    from moetool.params import count_params
+
+    cfg = {**tiny_config(model_type), **overrides}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    report = count_params(str(path))
+    assert report["family_level"] == "curated"
+    assert report["total"] == meta_count(build_meta_model(hf_config_for(cfg)))
+
+
+@pytest.mark.parametrize("model_type", CURATED)
+def test_curated_roles_equal_derived(model_type, tmp_path):
+    """The curated spec and the derived one agree role by role (the derived spec is the truth
+    about what each tensor is; the curated one adds expressions)."""
+    from moetool.catalog import tiny_config
+    from moetool.count import count_config
+    from moetool.derive import derive_spec
+    from moetool.families import Family, family_for_config
+
+    cfg = tiny_config(model_type)
+    curated = family_for_config(cfg)
+    derived = Family(derive_spec(cfg))
+    a = count_config(curated.resolve(cfg))["roles"]
+    b = count_config(derived.resolve(cfg))["roles"]
+    assert {k: v["total"] for k, v in a.items() if v["total"]} == {k: v["total"] for k, v in b.items() if v["total"]}
+    assert curated.resolve(cfg).moe_layers == derived.resolve(cfg).moe_layers
+
+
+# preset -> (which active figure the publisher quotes, tolerance on active, tolerance on total);
+# figures quoted as "30B-A3B" are rounded, hence the wider tolerances there
+PUBLISHED = {
+    "glm-4.5": ("without_embeddings_and_head", 0.02, 0.01),
+    "glm-5": ("active", 0.03, 0.01),
+    "glm-4.7-flash": ("without_embeddings_and_head", 0.10, 0.01),
+    "deepseek-v3.2-exp": ("without_embeddings_and_head", 0.02, 0.01),
+    "qwen3-next-80b-a3b": ("without_embeddings_and_head", 0.10, 0.01),
+    "qwen3.5-397b-a17b": ("active", 0.03, 0.01),
+    "minimax-m2": ("without_embeddings_and_head", 0.03, 0.01),
+    "phi-3.5-moe": ("active", 0.01, 0.01),
+    "ernie-4.5-21b-a3b": ("without_embeddings_and_head", 0.05, 0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_curated_presets_match_published_figures(name):
+    from moetool.params import count_params
+
+    r = count_params(name)
+    pub = r["preset"]["published"]
+    which, tol_active, tol_total = PUBLISHED[name]
+    assert abs(r["total"] - pub["total"]) / pub["total"] < tol_total, r["total"]
+    active = r["active"]
+    if which == "without_embeddings_and_head":
+        active = r["active_without_embeddings"] - r["roles"]["lm_head"]["active"]
+    assert abs(active - pub["active"]) / pub["active"] < tol_active, active
