@@ -107,3 +107,31 @@ def test_curated_presets_match_published_figures(name):
     if which == "without_embeddings_and_head":
         active = r["active_without_embeddings"] - r["roles"]["lm_head"]["active"]
     assert abs(active - pub["active"]) / pub["active"] < tol_active, active
+
+
+@pytest.mark.parametrize("name", ["qwen3-next-80b-a3b", "glm-4.5", "qwen3.5-397b-a17b"])
+def test_curated_params_needs_no_torch(name):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    code = (
+        "import sys; from moetool.cli import main\n"
+        f"try:\n    main(['params', {name!r}, '--json'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+    )
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    assert result.returncode == 0, result.stderr
+    assert wall < 1.0, f"moetool params {name} took {wall:.2f}s"
+
+
+def test_every_layout_names_its_routing_interface():
+    """The executor picks its adapter by this: experts modules that take (hidden_states,
+    top_k_index, top_k_weights), or routing read from the router's output."""
+    for fam in all_families().values():
+        for layout in fam.runtime_layouts:
+            assert layout.get("routing") in ("experts_input", "router_output"), fam.name
