@@ -81,7 +81,7 @@ def run_families(repeats: int = 3) -> list[dict]:
                  "measured": f"{ours * 1000:.0f} ms",
                  "alternative": f"transformers from_config on torch.device('meta'): {meta * 1000:.0f} ms",
                  "ratio": f"{meta / ours:.1f}x faster", "command": f"moetool params {curated} --json"})
-    derived = "jamba"  # no curated JSON: derived from transformers (Jamba-v0.1 defaults, 52B)
+    derived = "nemotron_h"  # no curated JSON: derived from transformers (its default config)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.json"
         subprocess.run([sys.executable, "-c", DERIVED_SNIPPET, derived, str(config)], check=True, cwd=ROOT)
@@ -99,9 +99,9 @@ def run_families(repeats: int = 3) -> list[dict]:
                  "measured": f"{first * 1000:.0f} ms",
                  "alternative": f"transformers from_config on torch.device('meta'): {meta * 1000:.0f} ms",
                  "ratio": f"{meta / first:.1f}x (derivation builds the same meta model)",
-                 "command": "moetool params jamba-config.json --json (MOETOOL_CACHE_DIR empty)"})
+                 "command": "moetool params nemotron_h-config.json --json (MOETOOL_CACHE_DIR empty)"})
     rows.append({"name": f"params {derived} config (derived family, cached spec, median of {repeats})",
                  "measured": f"{again * 1000:.0f} ms",
                  "alternative": f"transformers from_config on torch.device('meta'): {meta * 1000:.0f} ms",
-                 "ratio": f"{meta / again:.1f}x faster", "command": "moetool params jamba-config.json --json (again)"})
+                 "ratio": f"{meta / again:.1f}x faster", "command": "moetool params nemotron_h-config.json --json (again)"})
     return rows

@@ -132,8 +132,12 @@ def hf_config_for(config: dict):
         raise MoetoolError(f"unsupported model family '{model_type}': not a curated family and not a model type "
                            f"the installed transformers ({transformers_version()}) knows")
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "auto_map")}
+    cls = CONFIG_MAPPING[model_type]
+    decode = getattr(cls, "_decode_special_floats", None)  # config.json's {"__float__": "Infinity"}
+    if decode is not None:
+        kwargs = decode(kwargs)
     try:
-        return CONFIG_MAPPING[model_type](**kwargs)
+        return cls(**kwargs)
     except Exception as exc:  # transformers validates configs strictly
         raise MoetoolError(f"transformers refuses this {model_type} config: {_one_line(exc)}") from None
 

@@ -18,6 +18,10 @@ _MLA = [
     {"mlp_layer_types": ["dense", "sparse", "dense", "sparse", "sparse"], "tie_word_embeddings": True},
 ]
 VARIANTS = {
+    "jamba": [{}, {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_proj_bias": True, "mamba_conv_bias": False},
+              {"expert_layer_period": 1, "expert_layer_offset": 0, "mamba_dt_rank": 12, "mamba_expand": 3}],
+    "llama4_text": [{}, {"interleave_moe_layer_step": 2, "attention_bias": True},
+                    {"moe_layers": [0, 3], "tie_word_embeddings": True, "num_key_value_heads": 4}],
     "qwen3_next": [{}, {"full_attention_interval": 2, "attention_bias": True, "mlp_only_layers": [0]},
                    {"layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention"],
                     "decoder_sparse_step": 2, "linear_num_key_heads": 8, "head_dim": 128}],
@@ -91,6 +95,8 @@ PUBLISHED = {
     "qwen3.5-397b-a17b": ("active", 0.03, 0.01),
     "minimax-m2": ("without_embeddings_and_head", 0.03, 0.01),
     "phi-3.5-moe": ("active", 0.01, 0.01),
+    "llama-4-scout-17b-16e": ("active", 0.03, 0.02),
+    "jamba-v0.1": ("active", 0.02, 0.01),
     "ernie-4.5-21b-a3b": ("without_embeddings_and_head", 0.05, 0.05),
 }
 

@@ -186,8 +186,8 @@ def test_families_command_json():
     assert data["counts"]["derived"] >= 40
 
 
-# -- a derived family end to end: fixtures/derived-jamba (Mamba + attention + MoE, no JSON) ----------
-DERIVED = ROOT / "fixtures" / "derived-jamba"
+# -- a derived family end to end: fixtures/derived-granitemoehybrid (Mamba2 + attention + MoE, no JSON) ----------
+DERIVED = ROOT / "fixtures" / "derived-granitemoehybrid"
 TEXT = ("def route(tokens):\n    return sorted(tokens, key=len)\n"
         "The router sends each token to two experts; their outputs are mixed by weight.")
 
@@ -224,7 +224,7 @@ def test_commands_run_on_a_derived_family(tmp_path):
         loaded.model(**ids)
     for h in hooks:
         h.remove()
-    assert sorted(seen) == sorted(trace.experts) == loaded.rc.moe_layers == [1, 3]
+    assert sorted(seen) == sorted(trace.experts) == loaded.rc.moe_layers == [0, 1, 2, 3]
     for L, index in seen.items():  # the trace holds exactly what the experts module received
         got = np.sort(trace.experts[L].astype(np.int64), axis=1)
         want = np.sort(index.reshape(-1, index.shape[-1]).numpy(), axis=1)
@@ -234,4 +234,4 @@ def test_commands_run_on_a_derived_family(tmp_path):
     result = evaluate_models([str(DERIVED)], str(text), max_tokens=64)
     assert result
     placed = plan(str(DERIVED), gpu_memory="1MB")
-    assert placed.report["family"] == "jamba"
+    assert placed.report["family"] == "granitemoehybrid"

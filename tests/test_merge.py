@@ -136,7 +136,7 @@ def test_align_merges_a_neuron_permuted_copy_back_into_the_original(tmp_path):
 @pytest.mark.parametrize("name,to,regroup", [("tiny-qwen2-moe", 3, False), ("tiny-deepseek-v2", 4, False),
                                              ("tiny-deepseek-v3", 4, True), ("tiny-gpt-oss", 4, False),
                                              ("tiny-glm4-moe", 4, False), ("tiny-minimax-m2", 3, False),
-                                             ("tiny-qwen3-next", 4, False), ("derived-jamba", 4, False)])
+                                             ("tiny-qwen3-next", 4, False), ("derived-granitemoehybrid", 4, False)])
 def test_merged_checkpoints_load(tmp_path, name, to, regroup):
     import torch
     from transformers import AutoModelForCausalLM
