@@ -22,7 +22,7 @@ import sys
 # (almost always) unique, so a literal dimension names its expression
 _DISTINCT = {
     "hidden_size": 1536, "intermediate_size": 2816, "moe_intermediate_size": 704, "shared_expert_intermediate_size": 1408,
-    "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 160, "vocab_size": 5003,
+    "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 160, "vocab_size": 250007,
     "q_lora_rank": 448, "kv_lora_rank": 320, "qk_nope_head_dim": 96, "qk_rope_head_dim": 40, "v_head_dim": 112,
     "linear_num_value_heads": 14, "linear_num_key_heads": 7, "linear_key_head_dim": 72, "linear_value_head_dim": 88,
     "linear_conv_kernel_dim": 5, "expert_ffn_hidden_size": 928,
