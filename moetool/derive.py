@@ -35,7 +35,7 @@ from typing import Any
 
 from moetool.errors import MoetoolError
 
-DERIVE_VERSION = 1  # bump when the derived spec format changes (invalidates caches)
+DERIVE_VERSION = 2  # bump when the derived spec format changes (invalidates caches)
 
 # config keys that never change a model's parameters: left out of the cache key
 _NON_SHAPING = {
@@ -288,7 +288,8 @@ def _role_of(pname: str, owners: list[tuple[str, Any]], moe: dict, model) -> str
         if path in moe["blocks"]:
             # a parameter of the MoE block itself is part of the routing (a gating scale or bias); a
             # module of the block that is no router, experts or shared expert is "other"
-            return "router" if path == owner_path else "other"
+            is_layer = re.search(r"(?:^|\.)layers\.\d+$", path) is not None  # Gemma 4: the block is the layer
+            return "router" if path == owner_path and not is_layer else "other"
         if "mlp" in mcls.lower() or re.search(r"(mlp|feed_forward|ffn)$", path.rsplit(".", 1)[-1]):
             return "dense_mlp"
     return "other"

@@ -235,3 +235,16 @@ def test_commands_run_on_a_derived_family(tmp_path):
     assert result
     placed = plan(str(DERIVED), gpu_memory="1MB")
     assert placed.report["family"] == "granitemoehybrid"
+
+
+def test_block_that_is_the_decoder_layer():
+    """Gemma 4 puts router and experts directly in the decoder layer: the layer's own scalar is
+    not part of the router."""
+    from moetool.catalog import tiny_config
+    from moetool.derive import derive_spec
+
+    spec = derive_spec(tiny_config("gemma4_text"))
+    roles = {t["name"]: t["role"] for g in spec["tensors"].values() for t in g}
+    assert roles["model.layers.{L}.layer_scalar"] == "other"
+    assert roles["model.layers.{L}.router.proj.weight"] == "router"
+    assert spec["runtime"]["layouts"][0]["block"] == "model.layers.{L}"
