@@ -558,6 +558,28 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
     qk_dim = int(text.get("qk_head_dim") or head_dim)
     layouts = [{"block": t, "router": r, "experts": e, "routing": routing}
                for (t, r, e), routing in info["layouts"].items() if r]
+    # where the disk names the block differently from the module tree (Mixtral-style conversions:
+    # block_sparse_moe, gate vs router), a second layout that maps one onto the other
+    origin = {m: d for d, _, m in layout}
+    for lay in list(layouts):
+        L = moe_layers[0] if moe_layers else None
+        if L is None:
+            break
+        block = lay["block"].replace("{L}", str(L))
+        rname = f"{block}.{lay['router']}."
+        disk_router = next((origin[m] for m in origin if m.startswith(rname)), None)
+        disk_expert = next((origin[m] for m in origin if m.startswith(f"{block}.{lay['experts']}.")), None)
+        if not disk_router or not disk_expert:
+            continue
+        d_router_mod = disk_router[: len(disk_router) - len(next(m for m in origin if origin[m] == disk_router)[len(rname):]) - 1]
+        d_block, _, d_router = d_router_mod.rpartition(".")
+        if not disk_expert.startswith(d_block + "."):
+            continue
+        d_experts = disk_expert[len(d_block) + 1:].split(".", 1)[0]
+        d_block_t = d_block.replace(f"layers.{L}.", "layers.{L}.", 1)
+        if (d_block_t, d_router, d_experts) != (lay["block"], lay["router"], lay["experts"]):
+            layouts.append({"block": d_block_t, "router": d_router, "experts": d_experts,
+                            "routing": lay["routing"], "disk": True})
     shared_child = next((c for c in ("shared_experts", "shared_expert", "shared_mlp")
                          if any(f".{c}." in t["name"] for t in shared)), None)
     if shared_child:
