@@ -94,7 +94,7 @@ def test_fit_router_restores_rows_when_it_cannot_gain():
     def quad():
         loss = ((p - torch.tensor([3.0, -1.0])) ** 2).sum()
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     info = fit_router(quad, [p], 20, 0.0)
     assert info["kept"] and info["loss_after"] < 1e-8
