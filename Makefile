@@ -1,24 +1,60 @@
 # Two commands set up and run everything on a fresh machine:
 #   make demo   - install into .venv, then run moetool on the bundled fixtures
 #   make test   - install into .venv, then run the fast test suite
+# .venv gets the exact versions in requirements.lock (every package, transitive ones included);
+# pyproject.toml keeps ranges for people who install moetool into their own environment.
+#   make lock         - regenerate requirements.lock from a clean venv (newest releases the ranges allow)
+#   make test-latest  - the fast suite against the newest releases the ranges allow, in .venv-latest
+#   make test-lowest  - the fast suite against the lowest transformers/accelerate the ranges allow, in .venv-lowest
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 MOETOOL := $(VENV)/bin/moetool
+LOCK   := requirements.lock
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
 TORCH_PIN := torch==2.13.0
+# the lowest versions pyproject.toml allows for the libraries whose internals moetool touches
+LOWEST := transformers==5.0.0 accelerate==1.1.0
 
-.PHONY: install demo test test-all fixtures trained-fixtures bench quality clean
+.PHONY: install demo test test-all test-latest test-lowest lock fixtures trained-fixtures bench quality clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PIN)
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -r $(LOCK)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PIP) check
 	touch $@
+
+# a clean venv, torch pinned first, then moetool and the newest releases its ranges allow
+define fresh_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet --upgrade pip
+	$(1)/bin/pip install --quiet $(TORCH_PIN)
+	$(1)/bin/pip install --quiet -e ".[test]" $(2)
+endef
+
+lock:
+	$(call fresh_venv,.venv-lock)
+	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+	@echo "requirements.lock refreshed: review 'git diff $(LOCK)', run 'make clean test', commit"
+
+test-latest:
+	$(call fresh_venv,.venv-latest)
+	@echo "--- versions that differ from $(LOCK):"
+	@.venv-latest/bin/pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' | diff $(LOCK) - | sed -n 's/^> /  now /p'
+	.venv-latest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-lowest:
+	$(call fresh_venv,.venv-lowest,$(LOWEST))
+	.venv-lowest/bin/pip check
+	.venv-lowest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 demo: install
 	$(MOETOOL) params mixtral
@@ -43,7 +79,7 @@ trained-fixtures: install
 	$(PY) fixtures/train_tiny.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest .venv-lowest .pytest_cache build *.egg-info
 
 # speed and memory rows -> docs/benchmarks.md (writes, then removes, a 5.8 GB checkpoint in bench/work)
 bench: install
