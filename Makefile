@@ -14,6 +14,12 @@ MOETOOL := $(VENV)/bin/moetool
 LOCK   := requirements.lock
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
 TORCH_PIN := torch==2.13.0
+# the installer: uv (pinned in the lock), installed with pip; about 7x faster than pip here
+UV_PIN := $(shell sed -n 's/^\(uv==[^ ]*\).*/\1/p' $(LOCK))
+# uv does not read pip's configuration: hand it the wheel folders pip is told to look in (where
+# this machine keeps its CPU build of torch), so that torch comes from the same file pip takes
+FIND_LINKS := $(foreach d,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),--find-links $(d))
+UV = $(1)/bin/uv pip install --quiet --python $(1)/bin/python $(FIND_LINKS)
 # the lowest versions pyproject.toml allows for the libraries whose internals moetool touches
 LOWEST := transformers==5.0.0 accelerate==1.1.0
 
@@ -21,21 +27,25 @@ LOWEST := transformers==5.0.0 accelerate==1.1.0
 
 install: $(VENV)/.installed
 
+# exact versions from the lock; torch first (with its dependencies at their locked versions)
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet $(TORCH_PIN)
-	$(PIP) install --quiet -r $(LOCK)
-	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PIP) install --quiet --disable-pip-version-check $(UV_PIN)
+	$(call UV,$(VENV)) -c $(LOCK) $(TORCH_PIN)
+	$(call UV,$(VENV)) --no-deps -r $(LOCK)
+	$(call UV,$(VENV)) --no-deps --no-build-isolation -e .
 	$(PIP) check
 	touch $@
 
-# a clean venv, torch pinned first, then moetool and the newest releases its ranges allow
+# a clean venv: uv, torch pinned first, then moetool and the newest releases its ranges allow
+# (or what $(2) asks for)
 define fresh_venv
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
-	$(1)/bin/pip install --quiet --upgrade pip
-	$(1)/bin/pip install --quiet $(TORCH_PIN)
-	$(1)/bin/pip install --quiet -e ".[test]" $(2)
+	$(1)/bin/pip install --quiet --disable-pip-version-check uv
+	$(call UV,$(1)) $(TORCH_PIN)
+	echo $(TORCH_PIN) > $(1)/torch-pin.txt
+	$(call UV,$(1)) -c $(1)/torch-pin.txt --upgrade pip setuptools -e ".[test]" $(2)
 endef
 
 lock:
@@ -43,7 +53,7 @@ lock:
 	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
-	@echo "requirements.lock refreshed: review 'git diff $(LOCK)', run 'make clean test', commit"
+	@echo "$(LOCK) refreshed: review 'git diff $(LOCK)', run 'make clean test', commit"
 
 test-latest:
 	$(call fresh_venv,.venv-latest)
