@@ -8,6 +8,8 @@ Importing this module is cheap (transformers is imported inside the functions).
 
 from __future__ import annotations
 
+import types
+
 
 def default_skip_modules(model) -> list[str]:
     """The modules transformers' bitsandbytes integration leaves unquantized by default (the
@@ -31,3 +33,118 @@ def default_skip_modules(model) -> list[str]:
             pass
     out = model.get_output_embeddings()
     return sorted(name for name, module in model.named_modules() if out is not None and module is out)
+
+
+# -- transformers: the bitsandbytes quantizers' hooks -----------------------------------------------------
+def bnb_quantizer_hooks():
+    """``([Bnb4BitHfQuantizer, Bnb8BitHfQuantizer], get_module_from_name)`` when both quantizers
+    have the hooks moetool.quant extends while a model loads (``param_needs_quantization``,
+    ``get_quantize_ops``: transformers 5.x's loader calls them per checkpoint tensor, and the op's
+    ``convert(input_dict, model=..., missing_keys=...)``), else None: the caller then quantizes
+    the experts after loading, and says so loudly."""
+    try:
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+        from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+        from transformers.quantizers.quantizers_utils import get_module_from_name
+    except ImportError:
+        return None
+    classes = [c for c in (Bnb4BitHfQuantizer, Bnb8BitHfQuantizer)
+               if callable(getattr(c, "param_needs_quantization", None)) and callable(getattr(c, "get_quantize_ops", None))]
+    if len(classes) != 2:
+        return None
+    return classes, get_module_from_name
+
+
+def eager_experts_kwargs() -> dict:
+    """``from_pretrained`` keyword that makes every experts module run its eager, per-expert
+    forward (transformers 5.x's public ``experts_implementation``; the default ``grouped_mm``
+    reads the whole 3-D weight at once, which a quantized weight is not)."""
+    return {"experts_implementation": "eager"}
+
+
+def set_eager_experts(model) -> bool:
+    """The same on a model already built (``PreTrainedModel.set_experts_implementation``);
+    False where the model has no such switch (its experts forward is then its class's own)."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None:
+        return False
+    try:
+        setter("eager")
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def mark_initialized(module) -> None:
+    """Tell transformers' weight initialisation (``_init_weights``, run on modules it thinks
+    were not loaded) to leave MODULE alone: the ``_is_hf_initialized`` flag of transformers 5."""
+    module._is_hf_initialized = True
+
+
+# -- accelerate: offload hooks (AlignDevicesHook attributes: offload, weights_map, execution_device) ------
+# and transformers' experts dispatch (@use_experts_implementation keeps the class's own forward as
+# forward.__wrapped__; accelerate's hook calls module._old_forward)
+def offload_hook(module):
+    """The accelerate AlignDevicesHook that offloads MODULE's own weights, if any."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    for h in hooks:
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h
+    return None
+
+
+def execution_device(module):
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    for h in hooks:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return dev
+    return None
+
+
+def drop_offloaded(hook, name: str) -> None:
+    """Forget an offloaded full-precision tensor (frees it when it was offloaded to CPU memory)."""
+    wm = hook.weights_map
+    key = getattr(wm, "prefix", "") + name
+    ds = getattr(wm, "dataset", wm)
+    for store in (ds, getattr(ds, "state_dict", None)):
+        if isinstance(store, dict):
+            store.pop(key, None)
+    keys = getattr(ds, "all_keys", None)
+    if isinstance(keys, list) and key in keys:
+        keys.remove(key)
+
+
+class EagerForward:
+    """An experts module's own eager forward, bound to it: the class's ``forward`` as written,
+    before ``@use_experts_implementation`` dispatched it to grouped_mm/batched_mm (which read
+    the whole 3-D weight). A module-level class, so that deepcopy and pickling (torch.save of a
+    whole model) keep it, where a bound method would come back as the dispatching forward."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return type(self.module).forward.__wrapped__(self.module, *args, **kwargs)
+
+
+def force_eager(module) -> str:
+    """Run MODULE with its class's own (eager, per-expert) forward, whatever experts
+    implementation the config names. Returns what was done."""
+    if getattr(type(module).forward, "__wrapped__", None) is None:
+        return "class forward"  # not dispatched (remote code, older layouts): its forward is the one
+    eager = EagerForward(module)
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        module._old_forward = eager  # accelerate's hook calls _old_forward
+    else:
+        module.forward = eager
+    return "eager"
+
+
+def unforce_eager(module) -> None:
+    if isinstance(module.__dict__.get("forward"), EagerForward):
+        del module.__dict__["forward"]
+    elif isinstance(module.__dict__.get("_old_forward"), EagerForward):
+        module._old_forward = types.MethodType(type(module).forward, module)

@@ -80,6 +80,9 @@ class LoadedModel:
                 any(str(v) in ("disk", "meta") for v in self.device_map.values())
                 or (len(devices) > 1 and "cpu" in devices)),
             "streamed": self.layer_reader is not None,
+            # what 4-/8-bit loading left in the compute dtype and why, and any fallback it took
+            "quantization_notes": list((self.quant_report or {}).get("warnings") or [])
+            + list((self.quant_report or {}).get("notes") or []),
         }
 
     @property

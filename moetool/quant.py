@@ -36,10 +36,10 @@ import math
 import re
 import threading
 import time
-import types
 import warnings
 from typing import Any
 
+from moetool import hf_compat
 from moetool.errors import MoetoolError
 
 EXPERT_WEIGHT_NAMES = ("gate_up_proj", "down_proj", "up_proj", "gate_proj")  # fused 3-D expert weights
@@ -158,7 +158,7 @@ def _weight_class():
             self.quant_type = quant_type if self.bits == 4 else "int8"
             self.blocksize = int(blocksize) if self.bits == 4 else cols
             self.compute_dtype = dtype
-            self._is_hf_initialized = True  # transformers' weight init must not touch it
+            hf_compat.mark_initialized(self)  # transformers' weight init must not touch it
             n = rows * cols
             if self.bits == 4:
                 self.register_buffer("packed", torch.empty(num_experts, (n + 1) // 2, dtype=torch.uint8, device=device))
@@ -374,70 +374,13 @@ def _skipped(name: str, skip_modules) -> bool:
     return any(key and (re.match(rf"(?:{key}){boundary}", name) or name.endswith(key)) for key in (skip_modules or ()))
 
 
-def _offload_hook(module):
-    """The accelerate AlignDevicesHook that offloads MODULE's own weights, if any."""
-    hook = getattr(module, "_hf_hook", None)
-    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
-    for h in hooks:
-        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
-            return h
-    return None
-
-
-def _execution_device(module):
-    hook = getattr(module, "_hf_hook", None)
-    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
-    for h in hooks:
-        dev = getattr(h, "execution_device", None)
-        if dev is not None:
-            return dev
-    return None
-
-
-def _drop_offloaded(hook, name: str) -> None:
-    """Forget an offloaded full-precision tensor (frees it when it was offloaded to CPU memory)."""
-    wm = hook.weights_map
-    key = getattr(wm, "prefix", "") + name
-    ds = getattr(wm, "dataset", wm)
-    for store in (ds, getattr(ds, "state_dict", None)):
-        if isinstance(store, dict):
-            store.pop(key, None)
-    keys = getattr(ds, "all_keys", None)
-    if isinstance(keys, list) and key in keys:
-        keys.remove(key)
-
-
-class _EagerForward:
-    """An experts module's own eager forward, bound to it: the class's ``forward`` as written,
-    before ``@use_experts_implementation`` dispatched it to grouped_mm/batched_mm (which read
-    the whole 3-D weight). A module-level class, so that deepcopy and pickling (torch.save of a
-    whole model) keep it, where a bound method would come back as the dispatching forward."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        return type(self.module).forward.__wrapped__(self.module, *args, **kwargs)
-
-
-def _force_eager(module) -> str:
-    """Run MODULE with its class's own (eager, per-expert) forward, whatever experts
-    implementation the config names. Returns what was done."""
-    if getattr(type(module).forward, "__wrapped__", None) is None:
-        return "class forward"  # not dispatched (remote code, older layouts): its forward is the one
-    eager = _EagerForward(module)
-    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
-        module._old_forward = eager  # accelerate's hook calls _old_forward
-    else:
-        module.forward = eager
-    return "eager"
-
-
-def _unforce_eager(module) -> None:
-    if isinstance(module.__dict__.get("forward"), _EagerForward):
-        del module.__dict__["forward"]
-    elif isinstance(module.__dict__.get("_old_forward"), _EagerForward):
-        module._old_forward = types.MethodType(type(module).forward, module)
+# accelerate's offload hooks and transformers' experts dispatch: moetool.hf_compat
+_offload_hook = hf_compat.offload_hook
+_execution_device = hf_compat.execution_device
+_drop_offloaded = hf_compat.drop_offloaded
+_EagerForward = hf_compat.EagerForward  # the old name, for models pickled before the move
+_force_eager = hf_compat.force_eager
+_unforce_eager = hf_compat.unforce_eager
 
 
 class _RefuseSave:
@@ -565,6 +508,7 @@ def quantize_experts(model, bits: int = 4, quant_type: str = "nf4", blocksize: i
                 _drop_offloaded(hook, wname)
             del source, current, q
         report["forward"][mname] = _force_eager(module)
+    hf_compat.set_eager_experts(model)  # the public switch; _force_eager keeps quantized modules eager whatever it says later
     _guard_save(model)
     after = report["bytes_after"]
     report["ratio_vs_bf16"] = round(after / (2 * report["expert_params"]), 4) if report["expert_params"] else None
@@ -870,20 +814,12 @@ def _quantize_experts_on_load(bits: int, quant_type: str, blocksize: int, comput
     Relies on transformers' HfQuantizer hooks (``param_needs_quantization``,
     ``get_quantize_ops``); if they are not there, nothing is patched and the experts are
     quantized after loading instead (``counter['patched']`` says which)."""
-    try:
-        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-        from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
-        from transformers.quantizers.quantizers_utils import get_module_from_name
-    except ImportError:
+    hooks = hf_compat.bnb_quantizer_hooks()
+    if hooks is None:
         counter["patched"] = False
         yield
         return
-    classes = [c for c in (Bnb4BitHfQuantizer, Bnb8BitHfQuantizer)
-               if callable(getattr(c, "param_needs_quantization", None)) and callable(getattr(c, "get_quantize_ops", None))]
-    if len(classes) != 2:
-        counter["patched"] = False
-        yield
-        return
+    classes, get_module_from_name = hooks
     saved = {c: (c.__dict__.get("param_needs_quantization"), c.__dict__.get("get_quantize_ops")) for c in classes}
 
     def is_expert_weight(model, param_name: str) -> bool:
@@ -1028,6 +964,9 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
             config.llm_int8_skip_modules = list(base) + [k["module"] for k in kept]
     kwargs = dict(kwargs)
     kwargs.pop("quantization_config", None)
+    if quantize_experts_too:
+        for key, value in hf_compat.eager_experts_kwargs().items():
+            kwargs.setdefault(key, value)
     if device_map is not None:
         kwargs["device_map"] = device_map
     counter: dict = {}
@@ -1087,9 +1026,10 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
     }
     if not quantize_experts_too:
         notes.append("experts left in full precision (quantize_experts=False)")
-    if kept:
-        notes.append(_summarize_exclusions(kept, "the checkpoint's dtype" if report["dtype"] == "auto"
-                                           else report["dtype"]))
+    kept_note = _summarize_exclusions(kept, "the checkpoint's dtype" if report["dtype"] == "auto"
+                                      else report["dtype"]) if kept else None
+    if kept_note:
+        notes.append(kept_note)
     warnings_ = []
     if report["experts_quantized_after_loading"]:
         why = ("transformers' quantizer hooks were not found" if not counter.get("patched")
@@ -1097,8 +1037,10 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
         warnings_.append(f"{report['experts_quantized_after_loading']} fused expert tensors were quantized after a "
                          f"full-precision load ({why}): peak memory was the full-precision model's")
     report["warnings"] = warnings_
-    for line in warnings_:
+    for line in warnings_:  # on stderr (logging's last-resort handler) unless the application routes it
         _log.warning("warning: %s", line)
+    if kept_note:
+        _log.warning("note: %s", kept_note)
     remote = _experts_away_from_execution(model)
     report["offloaded_expert_modules"] = sorted(set(report["offloaded_expert_modules"]) | set(remote))
     if report["offloaded_expert_modules"]:

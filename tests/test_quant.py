@@ -529,6 +529,39 @@ def test_expert_dequantize_on_each_cpu_dequant_path(monkeypatch, has_avx512, sha
         assert rel(w, q.dequantize()) < 0.2
 
 
+@needs_bnb_cpu
+def test_fallback_to_quantizing_after_loading_is_loud(monkeypatch, mixtral_checkpoint, caplog):
+    """Without transformers' quantizer hooks (moetool.hf_compat finds none) the experts are
+    quantized after a full-precision load: same model, but the report and stderr say so."""
+    from moetool import hf_compat
+
+    monkeypatch.setattr(hf_compat, "bnb_quantizer_hooks", lambda: None)
+    with caplog.at_level("WARNING", logger="moetool.quant"):
+        model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
+    assert report["experts_quantized_while_loading"] == 0 and report["experts_quantized_after_loading"] == 4
+    assert report["experts"] == "nf4" and len(report["warnings"]) == 1
+    assert "after a full-precision load" in report["warnings"][0] and "hooks were not found" in report["warnings"][0]
+    assert [r.getMessage() for r in caplog.records] == [f"warning: {report['warnings'][0]}"]
+    monkeypatch.undo()
+    _, normal = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
+    assert normal["warnings"] == [] and normal["experts_quantized_while_loading"] == 4
+
+
+def test_fallback_warning_reaches_stderr(mixtral_checkpoint):
+    """A program that sets up no logging still sees the warning on stderr (logging's last resort)."""
+    code = ("import sys; from moetool import quant, hf_compat; hf_compat.bnb_quantizer_hooks = lambda: None; "
+            f"quant.load_in_4bit({str(mixtral_checkpoint)!r}, dtype='bfloat16')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert [line for line in out.stderr.splitlines() if "after a full-precision load" in line][0].startswith("warning: ")
+
+
+@needs_bnb_cpu
+def test_quantized_experts_load_eager_through_the_public_switch(mixtral_checkpoint):
+    model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
+    assert model.config._experts_implementation == "eager" and report["experts_forward"] == "eager"
+
+
 def test_int8_layers_take_inputs_of_any_rank():
     """bitsandbytes' int8 matmul flattens 3-D inputs only; moetool.quant's hooks give a 4-D
     input (DeepSeek's kv_b_proj) the same rows, so the result is the 3-D one, reshaped."""
