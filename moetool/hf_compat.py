@@ -1,8 +1,12 @@
 """Every place moetool touches transformers' or accelerate's internals, in one module.
 
 Version note: written against transformers 5.24 and accelerate 1.16 (the versions in
-requirements.lock); what pyproject.toml allows is what `make test-lowest` / `make test-latest`
-run the suite against. Each function says what it relies on and what it does when that is gone.
+requirements.lock). pyproject.toml allows transformers 5.24.x, accelerate 1.1-1.16 and
+bitsandbytes 0.50.x: what the suite passed with at both ends (`make test-lowest`, `make
+test-latest`). Not tested below that: transformers 5.0.0 does not load a model with the
+accelerate 1.1 it asks for (`get_module_size_with_ties` is missing), and these internals changed
+between 5.0 and 5.25; a wider range needs both targets run again. Each function says what it relies
+on and what it does when that is gone.
 Importing this module is cheap (transformers is imported inside the functions).
 """
 
