@@ -39,24 +39,14 @@ def default_skip_modules(model) -> list[str]:
     return sorted(name for name, module in model.named_modules() if out is not None and module is out)
 
 
-# -- transformers: the bitsandbytes quantizers' hooks -----------------------------------------------------
-def bnb_quantizer_hooks():
-    """``([Bnb4BitHfQuantizer, Bnb8BitHfQuantizer], get_module_from_name)`` when both quantizers
-    have the hooks moetool.quant extends while a model loads (``param_needs_quantization``,
-    ``get_quantize_ops``: transformers 5.x's loader calls them per checkpoint tensor, and the op's
-    ``convert(input_dict, model=..., missing_keys=...)``), else None: the caller then quantizes
-    the experts after loading, and says so loudly."""
-    try:
-        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-        from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
-        from transformers.quantizers.quantizers_utils import get_module_from_name
-    except ImportError:
-        return None
-    classes = [c for c in (Bnb4BitHfQuantizer, Bnb8BitHfQuantizer)
-               if callable(getattr(c, "param_needs_quantization", None)) and callable(getattr(c, "get_quantize_ops", None))]
-    if len(classes) != 2:
-        return None
-    return classes, get_module_from_name
+# -- transformers: the bitsandbytes quantizers ------------------------------------------------------------
+# moetool/bnb_quantizer.py subclasses transformers' Bnb4BitHfQuantizer / Bnb8BitHfQuantizer
+# (transformers.quantizers.quantizer_bnb_4bit / _8bit) and registers them with the public
+# register_quantization_config / register_quantizer; it overrides param_needs_quantization and
+# get_quantize_ops, and its op follows the loader's ConversionOps call convention
+# (convert(input_dict, model=..., missing_keys=...)). Where that module cannot be imported,
+# moetool.quant loads with a plain BitsAndBytesConfig and quantizes the experts after the load,
+# with a warning.
 
 
 def eager_experts_kwargs() -> dict:

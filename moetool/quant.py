@@ -30,11 +30,9 @@ functions that need them (bitsandbytes may log warnings on import on CPU-only ma
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
-import threading
 import time
 import warnings
 from typing import Any
@@ -50,7 +48,6 @@ CHUNK_ELEMENTS = 1 << 22  # quantize at most this many values at once (bounds th
 
 _BACKEND_CACHE: dict[str, dict] = {}
 _log = logging.getLogger("moetool.quant")
-_LOAD_LOCK = threading.Lock()
 _WEIGHT_CLASS = None
 
 
@@ -803,31 +800,27 @@ def _default_skips(skeleton) -> list[str]:
 
 
 # -- loading ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quantize_experts_on_load(bits: int, quant_type: str, blocksize: int, compute_dtype, counter: dict,
-                              skip_modules=()):
-    """While active, transformers' bitsandbytes quantizers (4- and 8-bit) also claim the fused
-    3-D expert weights and hand them to us as soon as each is read (after any checkpoint
-    conversion, e.g. per-expert w1/w3 -> fused gate_up_proj): we quantize it and install the
-    QuantizedExpertWeight in the model. Only one fused tensor is ever held in full precision.
+class _ExpertClaim:
+    """What one 4-/8-bit load does with the fused expert weights transformers' loader hands to
+    moetool's registered bitsandbytes quantizer (moetool.bnb_quantizer): each arrives after any
+    checkpoint conversion (e.g. per-expert w1/w3 -> fused gate_up_proj), is quantized and
+    installed as a QuantizedExpertWeight at once, so only one fused tensor is ever held in full
+    precision."""
 
-    Relies on transformers' HfQuantizer hooks (``param_needs_quantization``,
-    ``get_quantize_ops``); if they are not there, nothing is patched and the experts are
-    quantized after loading instead (``counter['patched']`` says which)."""
-    hooks = hf_compat.bnb_quantizer_hooks()
-    if hooks is None:
-        counter["patched"] = False
-        yield
-        return
-    classes, get_module_from_name = hooks
-    saved = {c: (c.__dict__.get("param_needs_quantization"), c.__dict__.get("get_quantize_ops")) for c in classes}
+    def __init__(self, bits: int, quant_type: str, blocksize: int, compute_dtype=None, skip_modules=()):
+        self.bits, self.quant_type, self.blocksize = bits, quant_type, blocksize
+        self.compute_dtype = compute_dtype
+        self.skip_modules = list(skip_modules or ())
+        self.tensors = 0
 
-    def is_expert_weight(model, param_name: str) -> bool:
-        try:
-            module, name = get_module_from_name(model, param_name)
-        except (AttributeError, ValueError):
-            return False
-        if name not in EXPERT_WEIGHT_NAMES or _skipped(param_name.rpartition(".")[0], skip_modules):
+    def __deepcopy__(self, memo):  # transformers copies the config: the copy shares this load's claim
+        return self
+
+    def __copy__(self):
+        return self
+
+    def wants(self, module, name: str, param_name: str) -> bool:
+        if name not in EXPERT_WEIGHT_NAMES or _skipped(param_name.rpartition(".")[0], self.skip_modules):
             return False
         current = getattr(module, name, None)
         if _is_qweight(current):
@@ -837,61 +830,29 @@ def _quantize_experts_on_load(bits: int, quant_type: str, blocksize: int, comput
         return any(getattr(module._parameters.get(m), "ndim", 0) == 3 or _is_qweight(module._modules.get(m))
                    for m in _MARKERS)
 
-    class ExpertsQuantize:
-        """A transformers ConversionOps (duck-typed): quantizes fused expert weights, passes
-        everything else to bitsandbytes' own op."""
+    def take(self, module, name: str, tensor) -> None:
+        dtype = self.compute_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+        q = _quantize_tensor(tensor, self.bits, self.quant_type, self.blocksize, dtype, tensor.device)
+        del tensor
+        _install(module, name, q)
+        self.tensors += 1
 
-        def __init__(self, inner):
-            self.inner = inner
 
-        def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
-            rest = {}
-            for key, value in input_dict.items():
-                if model is None or not is_expert_weight(model, key):
-                    rest[key] = value
-                    continue
-                tensor = value[0] if isinstance(value, list) else value
-                module, name = get_module_from_name(model, key)
-                dtype = compute_dtype or (tensor.dtype if tensor.is_floating_point() else None)
-                q = _quantize_tensor(tensor, bits, quant_type, blocksize, dtype, tensor.device)
-                del tensor, value
-                _install(module, name, q)
-                counter["tensors"] = counter.get("tensors", 0) + 1
-                if missing_keys is not None:
-                    missing_keys.discard(key)
-            if not rest:
-                return {}
-            return self.inner.convert(rest, model=model, missing_keys=missing_keys, **kwargs)
-
-        def __getattr__(self, name):  # reverse_op and friends: bitsandbytes' op answers
-            if name == "inner":  # not set yet (copy/unpickle): no recursion
-                raise AttributeError(name)
-            return getattr(self.inner, name)
-
-    def patch(cls, original_needs, original_ops):
-        def param_needs_quantization(self, model, param_name, **kwargs):
-            return is_expert_weight(model, param_name) or original_needs(self, model, param_name, **kwargs)
-
-        def get_quantize_ops(self):
-            return ExpertsQuantize(original_ops(self))
-
-        cls.param_needs_quantization = param_needs_quantization
-        cls.get_quantize_ops = get_quantize_ops
-
-    with _LOAD_LOCK:
+def _bnb_config(bits: int, claim, bnb_kwargs: dict):
+    """moetool's registered quantizer's config (moetool.bnb_quantizer), or, where transformers
+    lacks what it needs, a plain BitsAndBytesConfig (the experts are then quantized after the
+    load, loudly). Returns (config, claim or None)."""
+    key = "load_in_4bit" if bits == 4 else "load_in_8bit"
+    if claim is not None:
         try:
-            for c in classes:
-                patch(c, c.param_needs_quantization, c.get_quantize_ops)
-            counter["patched"] = True
-            yield
-        finally:
-            for c, (needs, ops) in saved.items():
-                for attr, value in (("param_needs_quantization", needs), ("get_quantize_ops", ops)):
-                    if value is None:
-                        if attr in c.__dict__:
-                            delattr(c, attr)
-                    else:
-                        setattr(c, attr, value)
+            from moetool.bnb_quantizer import MoetoolBnbConfig
+        except ImportError:
+            pass
+        else:
+            return MoetoolBnbConfig(**{key: True}, claim=claim, **bnb_kwargs), claim
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**{key: True}, **bnb_kwargs), None
 
 
 def _resolve_dtype(dtype):
@@ -931,7 +892,7 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
                     double_quant: bool, quantize_experts_too: bool, quantization_config_kwargs: dict | None,
                     kwargs: dict):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     _check_args(bits, quant_type, blocksize)
     target = _target_device(device_map)
@@ -944,9 +905,8 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
         bnb_kwargs.setdefault("bnb_4bit_use_double_quant", double_quant)
         if isinstance(torch_dtype, torch.dtype):
             bnb_kwargs.setdefault("bnb_4bit_compute_dtype", torch_dtype)
-        config = BitsAndBytesConfig(load_in_4bit=True, **bnb_kwargs)
-    else:
-        config = BitsAndBytesConfig(load_in_8bit=True, **bnb_kwargs)
+    claim = _ExpertClaim(bits, quant_type, blocksize, None, skip) if quantize_experts_too else None
+    config, claim = _bnb_config(bits, claim, bnb_kwargs)
     notes = []
     if isinstance(device_map, dict):
         values = set(map(str, device_map.values()))
@@ -969,17 +929,14 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
             kwargs.setdefault(key, value)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    counter: dict = {}
     start = time.perf_counter()
     quiet = logging.getLogger("bitsandbytes")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         for attempt in (1, 2):
-            ctx = _quantize_experts_on_load(bits, quant_type, blocksize, None, counter, skip) \
-                if quantize_experts_too else contextlib.nullcontext()
             try:
-                with ctx, warnings.catch_warnings():
+                with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=r".*MatMul8bitLt.*")
                     model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=torch_dtype,
                                                                  quantization_config=config, **kwargs)
@@ -991,9 +948,12 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
                         getattr(config, "llm_int8_enable_fp32_cpu_offload", False):
                     raise
                 _allow_offload(config, notes)
-                counter.clear()
+                if claim is not None:
+                    claim.tensors = 0
     finally:
         quiet.setLevel(level)
+        if claim is not None:
+            config._moetool_claim = None  # per-load state: not kept on the model's config
     load_seconds = time.perf_counter() - start
     model.eval()
     flattened = flatten_int8_inputs(model) if bits == 8 else 0
@@ -1013,7 +973,7 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
         "dtype": str(torch_dtype).replace("torch.", ""),
         "device": str(target),
         "backend": backend,
-        "experts_quantized_while_loading": int(counter.get("tensors", 0)),
+        "experts_quantized_while_loading": int(claim.tensors) if claim is not None else 0,
         "experts_quantized_after_loading": int(after["tensors"]) if after else 0,
         "experts_forward": after["forward"] if after else None,
         "offloaded_expert_modules": after["offloaded_modules"] if after else [],
@@ -1032,8 +992,8 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
         notes.append(kept_note)
     warnings_ = []
     if report["experts_quantized_after_loading"]:
-        why = ("transformers' quantizer hooks were not found" if not counter.get("patched")
-               else "transformers did not hand them to the quantizer while loading")
+        why = ("moetool's bitsandbytes quantizer could not be registered with this transformers"
+               if claim is None else "transformers did not hand them to the quantizer while loading")
         warnings_.append(f"{report['experts_quantized_after_loading']} fused expert tensors were quantized after a "
                          f"full-precision load ({why}): peak memory was the full-precision model's")
     report["warnings"] = warnings_

@@ -531,16 +531,15 @@ def test_expert_dequantize_on_each_cpu_dequant_path(monkeypatch, has_avx512, sha
 
 @needs_bnb_cpu
 def test_fallback_to_quantizing_after_loading_is_loud(monkeypatch, mixtral_checkpoint, caplog):
-    """Without transformers' quantizer hooks (moetool.hf_compat finds none) the experts are
-    quantized after a full-precision load: same model, but the report and stderr say so."""
-    from moetool import hf_compat
-
-    monkeypatch.setattr(hf_compat, "bnb_quantizer_hooks", lambda: None)
+    """Where moetool's registered quantizer cannot be had (moetool.bnb_quantizer fails to
+    import against some transformers), the experts are quantized after a full-precision load:
+    same model, but the report and stderr say so."""
+    monkeypatch.setitem(sys.modules, "moetool.bnb_quantizer", None)  # import -> ImportError
     with caplog.at_level("WARNING", logger="moetool.quant"):
         model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
     assert report["experts_quantized_while_loading"] == 0 and report["experts_quantized_after_loading"] == 4
     assert report["experts"] == "nf4" and len(report["warnings"]) == 1
-    assert "after a full-precision load" in report["warnings"][0] and "hooks were not found" in report["warnings"][0]
+    assert "after a full-precision load" in report["warnings"][0] and "could not be registered" in report["warnings"][0]
     assert [r.getMessage() for r in caplog.records] == [f"warning: {report['warnings'][0]}"]
     monkeypatch.undo()
     _, normal = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
@@ -549,7 +548,7 @@ def test_fallback_to_quantizing_after_loading_is_loud(monkeypatch, mixtral_check
 
 def test_fallback_warning_reaches_stderr(mixtral_checkpoint):
     """A program that sets up no logging still sees the warning on stderr (logging's last resort)."""
-    code = ("import sys; from moetool import quant, hf_compat; hf_compat.bnb_quantizer_hooks = lambda: None; "
+    code = ("import sys; sys.modules['moetool.bnb_quantizer'] = None; from moetool import quant; "
             f"quant.load_in_4bit({str(mixtral_checkpoint)!r}, dtype='bfloat16')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -560,6 +559,22 @@ def test_fallback_warning_reaches_stderr(mixtral_checkpoint):
 def test_quantized_experts_load_eager_through_the_public_switch(mixtral_checkpoint):
     model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
     assert model.config._experts_implementation == "eager" and report["experts_forward"] == "eager"
+
+
+@needs_bnb_cpu
+def test_registered_quantizer_patches_nothing(mixtral_checkpoint):
+    """The experts ride on a quantizer registered through transformers' public API: the
+    model's quantizer is moetool's subclass, transformers' own classes are untouched, the
+    model's config serializes, and a plain BitsAndBytesConfig load afterwards is plain."""
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    before = dict(vars(Bnb4BitHfQuantizer))
+    model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
+    assert type(model.hf_quantizer).__name__ == "MoetoolBnb4BitQuantizer" and report["experts"] == "nf4"
+    assert dict(vars(Bnb4BitHfQuantizer)) == before
+    assert json.loads(model.config.to_json_string())["quantization_config"]["quant_method"] == "moetool_bnb_4bit"
+    _, plain = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16", quantize_experts=False)
+    assert plain["quantization"] == "bnb-nf4, experts bfloat16"
 
 
 def test_int8_layers_take_inputs_of_any_rank():
