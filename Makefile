@@ -14,7 +14,8 @@ MOETOOL := $(VENV)/bin/moetool
 LOCK   := requirements.lock
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
 TORCH_PIN := torch==2.13.0
-# the installer: uv (pinned in the lock), installed with pip; about 7x faster than pip here
+# the installer: uv (pinned in the lock), installed with pip: a fresh-clone `make install` took 31 s
+# here against 100 s with pip (same machine, same load)
 UV_PIN := $(shell sed -n 's/^\(uv==[^ ]*\).*/\1/p' $(LOCK))
 # uv does not read pip's configuration: hand it the wheel folders pip is told to look in (where
 # this machine keeps its CPU build of torch), so that torch comes from the same file pip takes
