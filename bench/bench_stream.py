@@ -104,50 +104,25 @@ def generate(path: Path) -> dict:
     on-disk Mixtral layout: per-expert w1/w2/w3)."""
     import torch
 
+    from bench.bench_surgery import shard_layout, write_checkpoint
     from moetool.families import family_for_config
-    from moetool.surgery import OutTensor, write_safetensors, write_tensor_bytes
 
-    fam = family_for_config(CONFIG)
-    rc = fam.resolve(CONFIG)
-    shards: list[list] = [[]]
-    size = 0
-    for t in fam.tensors(rc):
-        nbytes = t.numel * 2
-        if shards[-1] and size + nbytes > SHARD:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-    path.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     # random weights without drawing 15 billion normals: every tensor is a window of one pool of
     # seeded N(0, 0.02^2) values at its own random offset (disk-bound instead of randn-bound)
-    biggest = max(t.numel for s in shards for t in s)
+    biggest = max(t.numel for s in shard_layout(CONFIG) for t in s)
     pool = (torch.randn(biggest + (1 << 26), generator=gen) * 0.02).to(torch.bfloat16)
-    weight_map = {}
-    for i, infos in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
 
-        def writer(info):
-            def write(fd):
-                if info.role == "router":  # routers with more signal: routing varies
-                    t = (torch.randn(info.shape, generator=gen) * 0.05).to(torch.bfloat16)
-                else:
-                    at = int(torch.randint(0, pool.numel() - info.numel + 1, (1,), generator=gen))
-                    t = pool[at:at + info.numel].view(info.shape)
-                write_tensor_bytes(fd, t)
-            return write
+    def tensor_of(info):
+        if info.role == "router":  # routers with more signal: routing varies
+            return (torch.randn(info.shape, generator=gen) * 0.05).to(torch.bfloat16)
+        at = int(torch.randint(0, pool.numel() - info.numel + 1, (1,), generator=gen))
+        return pool[at:at + info.numel].view(info.shape)
 
-        write_safetensors(path / fname, [OutTensor(t.name, "BF16", t.shape, t.numel * 2, writer(t)) for t in infos])
-        weight_map.update({t.name: fname for t in infos})
-    total = sum(t.numel * 2 for s in shards for t in s)
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(ROOT / "fixtures" / "tiny-mixtral" / f, path / f)
-    layer = sum(t.numel * 2 for t in fam.layer_tensors(rc, 0))
-    return {"bytes": total, "layer_bytes": layer, "shards": len(shards)}
+    info = write_checkpoint(path, CONFIG, tensor_of)
+    fam = family_for_config(CONFIG)
+    info["layer_bytes"] = sum(t.numel * 2 for t in fam.layer_tensors(fam.resolve(CONFIG), 0))
+    return info
 
 
 def _measure(cmd: list[str]) -> dict:

@@ -50,33 +50,21 @@ for p in sorted(src.iterdir()):
 """
 
 
-def generate(path: Path) -> dict:
-    """Random bf16 weights written tensor by tensor, in 1 GiB shards, with an index."""
-    import torch
-
-    from moetool.families import family_for_config
+def write_checkpoint(path: Path, config: dict, tensor_of) -> dict:
+    """The on-disk Mixtral layout of ``config`` (per-expert w1/w2/w3) in 1 GiB shards with an
+    index, each tensor made by ``tensor_of(info)`` (bf16) as its shard is written; the tokenizer
+    of tiny-mixtral."""
     from moetool.surgery import OutTensor, write_safetensors, write_tensor_bytes
 
-    fam = family_for_config(CONFIG)
-    rc = fam.resolve(CONFIG)
-    shards: list[list] = [[]]
-    size = 0
-    for t in fam.tensors(rc):
-        nbytes = t.numel * 2
-        if shards[-1] and size + nbytes > SHARD:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
+    shards = shard_layout(config)
     path.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
     weight_map = {}
     for i, infos in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
 
         def writer(info):
             def write(fd):
-                write_tensor_bytes(fd, (torch.randn(info.shape, generator=gen) * 0.02).to(torch.bfloat16))
+                write_tensor_bytes(fd, tensor_of(info))
             return write
 
         write_safetensors(path / fname, [OutTensor(t.name, "BF16", t.shape, t.numel * 2, writer(t)) for t in infos])
@@ -84,11 +72,37 @@ def generate(path: Path) -> dict:
     total = sum(t.numel * 2 for s in shards for t in s)
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(ROOT / "fixtures" / "tiny-mixtral" / f, path / f)
     return {"bytes": total, "largest_shard": max(p.stat().st_size for p in path.glob("*.safetensors")),
             "shards": len(shards)}
+
+
+def shard_layout(config: dict) -> list[list]:
+    """The family's tensors of ``config`` grouped into shards of at most SHARD bf16 bytes."""
+    from moetool.families import family_for_config
+
+    fam = family_for_config(config)
+    shards: list[list] = [[]]
+    size = 0
+    for t in fam.tensors(fam.resolve(config)):
+        nbytes = t.numel * 2
+        if shards[-1] and size + nbytes > SHARD:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def generate(path: Path) -> dict:
+    """Random bf16 weights written tensor by tensor, in 1 GiB shards, with an index."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return write_checkpoint(path, CONFIG,
+                            lambda info: (torch.randn(info.shape, generator=gen) * 0.02).to(torch.bfloat16))
 
 
 def synthetic_trace(path: Path, tokens: int = 4096) -> None:
