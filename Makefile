@@ -22,7 +22,7 @@ UV_PIN := $(shell sed -n 's/^\(uv==[^ ]*\).*/\1/p' $(LOCK))
 FIND_LINKS := $(foreach d,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),--find-links $(d))
 UV = $(1)/bin/uv pip install --quiet --python $(1)/bin/python $(FIND_LINKS)
 # the lowest versions pyproject.toml allows for the libraries whose internals moetool touches
-LOWEST := transformers==5.24.0 accelerate==1.1.0 bitsandbytes==0.50.2
+LOWEST := transformers==5.24.0 accelerate==1.16.0 bitsandbytes==0.50.2
 
 .PHONY: install demo test test-all test-latest test-lowest lock fixtures trained-fixtures bench quality clean
 

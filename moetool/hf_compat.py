@@ -1,7 +1,7 @@
 """Every place moetool touches transformers' or accelerate's internals, in one module.
 
 Version note: written against transformers 5.24 and accelerate 1.16 (the versions in
-requirements.lock). pyproject.toml allows transformers 5.24.x, accelerate 1.1-1.16 and
+requirements.lock). pyproject.toml allows transformers 5.24.x, accelerate 1.16.x and
 bitsandbytes 0.50.x: what the suite passed with at both ends (`make test-lowest`, `make
 test-latest`). Not tested below that: transformers 5.0.0 does not load a model with the
 accelerate 1.1 it asks for (`get_module_size_with_ties` is missing), and these internals changed
