@@ -45,6 +45,7 @@ for byte, atomically like every moetool output, with a model card and ``moetool.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import time
@@ -425,6 +426,42 @@ def _refit_down(experts, x, idx, w, target, hidden: int, inter: int, opts: HealO
     return info
 
 
+@contextlib.contextmanager
+def _trainable_only(block, params):
+    """Within the block, only PARAMS take gradients; every flag is restored afterwards."""
+    flags = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _chunked_mse(target, output_of):
+    """A closure for fit_router: the summed squared error of OUTPUT_OF(a, b) against
+    TARGET[a:b] over token chunks, divided by TARGET's size, back-propagated chunk by chunk so
+    that only one chunk's graph is alive at a time."""
+    import torch
+
+    denom = float(target.numel())
+
+    def loss_fn() -> float:
+        total = 0.0
+        with torch.enable_grad():
+            for a in range(0, target.shape[0], CHUNK_TOKENS):
+                b = a + CHUNK_TOKENS
+                loss = ((output_of(a, b) - target[a:b]) ** 2).sum() / denom
+                loss.backward()
+                total += float(loss.detach())
+        return total
+
+    return loss_fn
+
+
 def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: HealOptions) -> dict:
     """Heal one MoE block in place so that its output on the calibration inputs X [T, hidden]
     approaches the target Y [T, hidden]: router rows, then down projections (see the module
@@ -445,28 +482,9 @@ def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: Heal
 
     # 1. router rows
     if opts.router_steps > 0 and params:
-        frozen = [(p, p.requires_grad) for p in block.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        denom = float(y.numel())
-
-        def loss_fn() -> float:
-            total = 0.0
-            with torch.enable_grad():
-                for a in range(0, x.shape[0], CHUNK_TOKENS):
-                    out = _block_out(block(x[a:a + CHUNK_TOKENS][None]))[0].float()
-                    loss = ((out - y[a:a + CHUNK_TOKENS]) ** 2).sum() / denom
-                    loss.backward()
-                    total += float(loss.detach())
-            return total
-
-        try:
+        loss_fn = _chunked_mse(y, lambda a, b: _block_out(block(x[a:b][None]))[0].float())
+        with _trainable_only(block, params):
             info["router"] = fit_router(loss_fn, params, opts.router_steps, opts.router_reg)
-        finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
     # 2. down projections, given the routing
     if opts.down and down is not None:
         with _RoutingProbe(experts) as probe:
@@ -482,33 +500,13 @@ def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: Heal
                 eparams = [p for p in block.parameters() if id(p) not in router_ids]
             else:
                 eparams = [p for _, p in experts.named_parameters()]
-            flags = [(p, p.requires_grad) for p in block.parameters()]
-            for p, _ in flags:
-                p.requires_grad_(False)
-            for p in eparams:
-                p.requires_grad_(True)
-            denom = float(target.numel())
-
-            def experts_loss() -> float:
-                total = 0.0
-                with torch.enable_grad():
-                    for a in range(0, x.shape[0], CHUNK_TOKENS):
-                        b = a + CHUNK_TOKENS
-                        if opts.shared:
-                            out = _block_out(block(x[a:b][None]))[0].float()
-                            loss = ((out - y[a:b]) ** 2).sum() / denom
-                        else:
-                            out = _block_out(experts(x[a:b], idx[a:b], w[a:b].to(x.dtype))).float()
-                            loss = ((out - target[a:b]) ** 2).sum() / denom
-                        loss.backward()
-                        total += float(loss.detach())
-                return total
-
-            try:
+            if opts.shared:
+                experts_loss = _chunked_mse(y, lambda a, b: _block_out(block(x[a:b][None]))[0].float())
+            else:
+                experts_loss = _chunked_mse(
+                    target, lambda a, b: _block_out(experts(x[a:b], idx[a:b], w[a:b].to(x.dtype))).float())
+            with _trainable_only(block, eparams):
                 info["experts"] = fit_router(experts_loss, eparams, opts.experts_steps, opts.experts_reg)
-            finally:
-                for p, f in flags:
-                    p.requires_grad_(f)
             if opts.shared:
                 with _RoutingProbe(experts) as probe:
                     full = run_block(block, x).float()
