@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from moetool import __version__
-from moetool.errors import MoetoolError, Terminated
+from moetool.errors import MoetoolError, Terminated, first_line
 
 _COMMANDS_DIR = Path(__file__).parent / "commands"
 
@@ -85,17 +85,12 @@ def _run(argv: list[str] | None) -> None:
         sys.exit(2)
     except Exception as exc:  # a bug: still one line unless debugging
         if type(exc).__name__ == "SafetensorError":  # a damaged file that slipped past the header checks
-            click.echo(f"error: corrupt safetensors file ({_first_line(exc)})", err=True)
+            click.echo(f"error: corrupt safetensors file ({first_line(exc, with_type=False)})", err=True)
             sys.exit(2)
         if os.environ.get("MOETOOL_DEBUG"):
             raise
         click.echo(f"error: {type(exc).__name__}: {exc} (set MOETOOL_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def os_error_message(exc: OSError) -> str:

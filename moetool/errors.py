@@ -15,3 +15,12 @@ def warn(message: str) -> None:
     import sys
 
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(exc: BaseException, with_type: bool = True) -> str:
+    """The first line of an exception's message for a one-line error, after its type name
+    unless ``with_type`` is False; the type name alone when the message is empty."""
+    text = str(exc).strip().splitlines()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text[0]}" if with_type else text[0]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetool.errors import MoetoolError
+from moetool.errors import MoetoolError, first_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -226,11 +226,6 @@ def _torch_dtype(dtype: str):
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def load_model(
     model: str,
     dtype: str = "auto",
@@ -346,7 +341,7 @@ def load_model(
         raise MoetoolError(f"{model}: cannot load: the pickle holds more than tensors, which moetool never unpickles"
                            + (f" ({refused[0]})" if refused else "")) from None
     except (ValueError, RuntimeError, OSError, KeyError, TypeError, ImportError, AttributeError) as exc:
-        raise MoetoolError(f"{model}: cannot load ({_first_line(exc)})") from None
+        raise MoetoolError(f"{model}: cannot load ({first_line(exc)})") from None
     finally:
         restore()
     hf_model.eval()
@@ -433,7 +428,7 @@ def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote
     except MoetoolError:
         raise
     except (ValueError, RuntimeError, OSError, KeyError, TypeError, ImportError, AttributeError) as exc:
-        raise MoetoolError(f"{model}: cannot load ({_first_line(exc)})") from None
+        raise MoetoolError(f"{model}: cannot load ({first_line(exc)})") from None
     finally:
         restore()
     try:
@@ -468,7 +463,7 @@ def _complete_device_map(path: str, mapping: dict, trust_remote_code: bool) -> d
         with torch.device("meta"):  # keeps fused expert params on meta (init_empty_weights does not)
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError, ImportError) as exc:
-        raise MoetoolError(f"{path}: cannot read the model's structure ({_first_line(exc)})") from None
+        raise MoetoolError(f"{path}: cannot read the model's structure ({first_line(exc)})") from None
     modules = dict(skeleton.named_modules())
     tensors = [n for n, _ in skeleton.named_parameters()] + [n for n, _ in skeleton.named_buffers()]
     unknown = [k for k in mapping if k and k not in modules and k not in tensors]

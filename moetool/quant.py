@@ -38,7 +38,7 @@ import warnings
 from typing import Any
 
 from moetool import hf_compat
-from moetool.errors import MoetoolError
+from moetool.errors import MoetoolError, first_line
 
 EXPERT_WEIGHT_NAMES = ("gate_up_proj", "down_proj", "up_proj", "gate_proj")  # fused 3-D expert weights
 _MARKERS = ("gate_up_proj", "down_proj")  # a module holding one of these as a 3-D weight is an experts module
@@ -82,7 +82,7 @@ def backend_status(device=None) -> dict:
     try:
         bnb = _import_bnb()
     except Exception as exc:  # ImportError, or a broken native library raising on import
-        status["reason"] = f"bitsandbytes cannot be imported ({_first_line(exc)})"
+        status["reason"] = f"bitsandbytes cannot be imported ({first_line(exc)})"
         _BACKEND_CACHE[key] = status
         return dict(status)
     status["bitsandbytes"] = getattr(bnb, "__version__", "?")
@@ -102,7 +102,7 @@ def backend_status(device=None) -> dict:
             else:
                 status["available"] = True
         except Exception as exc:
-            status["reason"] = f"bitsandbytes 4-bit does not run on {key} ({_first_line(exc)})"
+            status["reason"] = f"bitsandbytes 4-bit does not run on {key} ({first_line(exc)})"
     _BACKEND_CACHE[key] = status
     return dict(status)
 
@@ -113,11 +113,6 @@ def require_backend(device=None) -> dict:
     if not status["available"]:
         raise MoetoolError(f"4-bit/8-bit quantization is not available here: {status['reason']}")
     return status
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # -- the quantized weight --------------------------------------------------------------------------------
