@@ -24,7 +24,7 @@ def _time(cmd: list[str], repeats: int) -> float:
 META_SNIPPET = """
 import json, sys, torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-from moetool.source import presets
+from moetool.checkpoint.source import presets
 from moetool.families import family_for_config
 cfg = presets()[sys.argv[1]]["config"]
 kw = {k: v for k, v in cfg.items() if k not in ("model_type", "quantization_config")}

@@ -25,7 +25,7 @@ LOOP_LAYERS = 8  # the Python loop takes minutes per 8 layers; both sides count 
 def _numpy_count(trace, layers, devices):
     """What the planner runs for one strategy: expert counts -> device loads, and devices per
     token from the transposed ids."""
-    from moetool import plan_ep as ep
+    from moetool.analysis import plan_ep as ep
 
     E = trace.num_experts
     pl = ep._static("contiguous", ep.contiguous_devices(E, devices), len(layers))
@@ -56,10 +56,10 @@ def _python_count(trace, layers, dev, devices):
 
 def run() -> list[dict]:
     sys.path.insert(0, str(ROOT))
-    from moetool.params import resolve_family
-    from moetool.plan_ep import contiguous_devices, synthetic_trace
-    from moetool.source import resolve
-    from moetool.trace import Trace
+    from moetool.families.resolve import resolve_family
+    from moetool.analysis.plan_ep import contiguous_devices, synthetic_trace
+    from moetool.checkpoint.source import resolve
+    from moetool.analysis.trace import Trace
 
     rc = resolve_family(resolve("deepseek-v3"))
     tmp = Path(tempfile.mkdtemp(prefix="moetool-bench-plan-"))

@@ -1,5 +1,5 @@
 """4-bit experts: loading a bf16 Mixtral-shaped checkpoint (hidden 1024, 4 layers, 8 experts of
-width 3584: 367M parameters, experts 96% of them, ~700 MB) with `moetool.quant.load_in_4bit`
+width 3584: 367M parameters, experts 96% of them, ~700 MB) with `moetool.runtime.quant.bnb.load_in_4bit`
 (bitsandbytes NF4 for the `nn.Linear` layers and for the fused 3-D experts, quantized while
 loading) vs a plain bf16 load and vs plain `BitsAndBytesConfig(load_in_4bit=True)` (which leaves
 the fused experts in bf16). Each load runs in a fresh process; peak is the highest anonymous
@@ -38,7 +38,7 @@ def peak_child(mode: str, path: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from moetool import quant
+    from moetool.runtime.quant import bnb as quant
 
     _quiet()
     quant.require_backend("cpu")
@@ -88,7 +88,7 @@ def measure(modes=MODES) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from moetool import quant
+    from moetool.runtime.quant import bnb as quant
 
     quant.require_backend("cpu")
     _quiet()

@@ -32,12 +32,12 @@ CAP_S = int(os.environ.get("MOETOOL_BENCH_STREAM_CAP", "1200"))  # per command
 CPU_BUDGET = os.environ.get("MOETOOL_BENCH_STREAM_CPU", "12GiB" if not SMALL else "600MiB")
 
 # the calibration step of `moetool prune --by reap --file F --max-tokens N` (what the command runs
-# before its surgery; the surgery itself is benchmarked in bench_surgery.py): moetool.prune.gather_stats
+# before its surgery; the surgery itself is benchmarked in bench_surgery.py): moetool.compression.prune.gather_stats
 CALIBRATE = r"""
 import json, sys, time
-from moetool.params import resolve_family
-from moetool.prune import gather_stats
-from moetool.source import resolve
+from moetool.families.resolve import resolve_family
+from moetool.compression.prune import gather_stats
+from moetool.checkpoint.source import resolve
 model, file, tokens, opts = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 t0 = time.perf_counter()
 stats = gather_stats(model, resolve_family(resolve(model)), None, file, tokens, 8, opts, reap=True)
@@ -57,7 +57,7 @@ CONFIG = {
 # embeddings, norm and head, the tokenizer (what every streamed run holds besides layers)
 BASELINE = r"""
 import sys
-from moetool.loading import load_model
+from moetool.runtime.loading import load_model
 lm = load_model(sys.argv[1], stream=True)
 print('{}')
 """

@@ -54,7 +54,7 @@ def write_checkpoint(path: Path, config: dict, tensor_of) -> dict:
     """The on-disk Mixtral layout of ``config`` (per-expert w1/w2/w3) in 1 GiB shards with an
     index, each tensor made by ``tensor_of(info)`` (bf16) as its shard is written; the tokenizer
     of tiny-mixtral."""
-    from moetool.surgery import OutTensor, write_safetensors, write_tensor_bytes
+    from moetool.compression.surgery import OutTensor, write_safetensors, write_tensor_bytes
 
     shards = shard_layout(config)
     path.mkdir(parents=True)
@@ -109,7 +109,7 @@ def synthetic_trace(path: Path, tokens: int = 4096) -> None:
     """A routing trace with skewed random usage (what merge needs for its usage weights)."""
     import numpy as np
 
-    from moetool.trace import Trace
+    from moetool.analysis.trace import Trace
 
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(8) * 0.7)

@@ -42,7 +42,7 @@ class _Timed:
         self.seconds = 0.0
 
     def __enter__(self):
-        from moetool.observers import RoutingRecorder as R
+        from moetool.runtime.observers import RoutingRecorder as R
 
         self._saved = (R._experts_hook, R._router_hook, R.take)
         timed = self
@@ -72,7 +72,7 @@ class _Timed:
         return self
 
     def __exit__(self, *exc):
-        from moetool.observers import RoutingRecorder as R
+        from moetool.runtime.observers import RoutingRecorder as R
 
         R._experts_hook, R._router_hook, R.take = self._saved
 
@@ -80,8 +80,8 @@ class _Timed:
 def run(repeats: int = 9) -> list[dict]:
     import torch
 
-    from moetool.loading import loaded_from_model
-    from moetool.trace import record_token_ids
+    from moetool.runtime.loading import loaded_from_model
+    from moetool.analysis.trace import record_token_ids
 
     model = build_model()
     loaded = loaded_from_model(model, name="random-mixtral-1024x8x2048x4")

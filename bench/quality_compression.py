@@ -12,7 +12,7 @@ compression level (25% and 50% of the routed experts removed):
 then evaluate every checkpoint with `moetool eval`'s library on the held-out split
 (fixtures/corpus/heldout-{prose,code}.txt): perplexity, and KL(original || compressed) and top-1
 agreement against the original model. Every checkpoint is written by the same library calls the
-commands use (moetool.prune.prune_checkpoint, moetool.merge.merge_checkpoint).
+commands use (moetool.compression.prune.prune_checkpoint, moetool.compression.merge.merge_checkpoint).
 
     python bench/quality_compression.py            # everything, writes docs/compression.md
     python bench/quality_compression.py --quick    # one model, 50% only, fewer tokens (prints)
@@ -74,9 +74,9 @@ def _log(msg: str) -> None:
 def build(model: str, ratios, seeds, calib: Path, calib_tokens: int, work: Path, prune_methods=PRUNE_METHODS,
           merges=MERGES) -> list[dict]:
     """Every compressed checkpoint of MODEL: [{label, method, ratio, seed, path, experts}]."""
-    from moetool.merge import merge_checkpoint
-    from moetool.prune import prune_checkpoint
-    from moetool.trace import read_texts, trace_model
+    from moetool.compression.merge import merge_checkpoint
+    from moetool.compression.prune import prune_checkpoint
+    from moetool.analysis.trace import read_texts, trace_model
 
     src = str(ROOT / "fixtures" / model)
     trace, loaded = trace_model(src, read_texts((), str(calib)), max_tokens=calib_tokens, logits=True)
@@ -120,8 +120,8 @@ def build(model: str, ratios, seeds, calib: Path, calib_tokens: int, work: Path,
 
 
 def evaluate(model: str, made: list[dict], eval_tokens: int, seq_len: int) -> dict:
-    """{domain: {path: row}} from moetool.evaluate for the original and every checkpoint."""
-    from moetool.evaluate import evaluate_models
+    """{domain: {path: row}} from moetool.analysis.evaluate for the original and every checkpoint."""
+    from moetool.analysis.evaluate import evaluate_models
 
     src = str(ROOT / "fixtures" / model)
     out = {}
@@ -170,8 +170,8 @@ def summarize(model: str, made: list[dict], ev: dict) -> list[dict]:
 
 def _fixture_rc(model: str):
     """The resolved family config of fixtures/MODEL (from its config.json)."""
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     return resolve_family(resolve(str(ROOT / "fixtures" / model)))
 
@@ -269,7 +269,7 @@ def importance(model: str, calib: Path, calib_tokens: int, tokens_per_domain: in
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moetool.prune import gather_stats
+    from moetool.compression.prune import gather_stats
 
     sys.path.insert(0, str(ROOT / "tests"))
     from oracles import routing_mask  # the reference masking the exactness tests use
@@ -343,7 +343,7 @@ def heal_all(model: str, made: list[dict], calib: Path, calib_tokens: int, disti
     """Heal every checkpoint of MADE whose label is in HEAL_LABELS (random: seeds HEAL_SEEDS) with
     `moetool heal`'s library call on the calibration text, and distil the DISTILL_LABELS ones at
     DISTILL_RATIOS end to end on the same tokens; paths and seconds go into each entry."""
-    from moetool.heal import heal_checkpoint
+    from moetool.compression.heal import heal_checkpoint
 
     src = str(ROOT / "fixtures" / model)
     for m in made:
@@ -368,14 +368,14 @@ def distill_baseline(src: str, compressed: str, out: str, calib, calib_tokens: i
     SRC on the same calibration tokens. Trainable: the router rows (and biases) and the routed
     experts' down projections (what heal refits), AdamW at LR for STEPS steps over the
     calibration batches in turn, loss = KL(original || compressed) per real token
-    (moetool.distill.kl_full). Written with heal's writer (only those tensors change)."""
+    (moetool.compression.distill.kl_full). Written with heal's writer (only those tensors change)."""
     import torch
 
-    from moetool.distill import kl_full
-    from moetool.heal import DOWN, DOWN_BIAS, calibration_ids, make_batches, write_healed, write_plan
-    from moetool.loading import load_model, moe_blocks
-    from moetool.surgery import Checkpoint, read_provenance
-    from moetool.trace import _pad_id, read_texts
+    from moetool.compression.distill import kl_full
+    from moetool.compression.heal import DOWN, DOWN_BIAS, calibration_ids, make_batches, write_healed, write_plan
+    from moetool.runtime.loading import load_model, moe_blocks
+    from moetool.compression.surgery import Checkpoint, read_provenance
+    from moetool.analysis.trace import _pad_id, read_texts
 
     t0 = time.perf_counter()
     teacher = load_model(src, dtype="float32")
@@ -438,7 +438,7 @@ def heal_rows(model: str, made: list[dict], ev: dict) -> list[dict]:
 
 
 def heal_markdown(rows: list[dict], meta: dict) -> list[str]:
-    from moetool.heal import HealOptions
+    from moetool.compression.heal import HealOptions
 
     o = HealOptions()
     half = int(_fixture_rc("trained-mixtral").fields["num_experts"]) // 2

@@ -45,7 +45,7 @@ def command(teacher: str, init: str, steps: int) -> str:
 def run() -> dict:
     import torch
 
-    from moetool.distill import distill
+    from moetool.compression.distill import distill
 
     torch.set_num_threads(1)
     train = [f"{CORPUS}/train-prose.txt", f"{CORPUS}/train-code.txt"]

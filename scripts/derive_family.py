@@ -2,7 +2,7 @@
 
     python scripts/derive_family.py glm4_moe > moetool/families/glm4_moe.json.draft
 
-The model is built on the meta device (moetool.derive) from transformers' default config with
+The model is built on the meta device (moetool.families.derive) from transformers' default config with
 its dimension keys set to distinct values, so every literal shape can be written back as an
 expression over the config: a key (``hidden_size``), a product of two keys
 (``num_attention_heads * head_dim``), a sum (``qk_nope_head_dim + qk_rope_head_dim``) or twice a
@@ -52,8 +52,8 @@ def expression_for(value: int, names: dict[str, int], prefer: tuple[str, ...] = 
 
 
 def draft(model_type: str) -> tuple[dict, list[str]]:
-    from moetool.catalog import tiny_config
-    from moetool.derive import derive_spec
+    from moetool.families.catalog import tiny_config
+    from moetool.families.derive import derive_spec
 
     config = tiny_config(model_type)
     for key, value in _DISTINCT.items():

@@ -18,7 +18,7 @@ def routing_mask(model, kept: dict[int, list[int]]):
     Everything is restored on exit."""
     import torch
 
-    from moetool.loading import loaded_from_model, moe_blocks
+    from moetool.runtime.loading import loaded_from_model, moe_blocks
 
     loaded = loaded_from_model(model)
     E = loaded.rc.num_experts

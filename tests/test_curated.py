@@ -54,9 +54,9 @@ def _cases():
 
 @pytest.mark.parametrize("model_type,overrides", list(_cases()))
 def test_curated_equals_transformers(model_type, overrides, tmp_path):
-    from moetool.catalog import tiny_config
-    from moetool.derive import build_meta_model, hf_config_for, meta_count
-    from moetool.params import count_params
+    from moetool.families.catalog import tiny_config
+    from moetool.families.derive import build_meta_model, hf_config_for, meta_count
+    from moetool.analysis.params import count_params
 
     cfg = {**tiny_config(model_type), **overrides}
     path = tmp_path / "config.json"
@@ -70,9 +70,9 @@ def test_curated_equals_transformers(model_type, overrides, tmp_path):
 def test_curated_roles_equal_derived(model_type, tmp_path):
     """The curated spec and the derived one agree role by role (the derived spec is the truth
     about what each tensor is; the curated one adds expressions)."""
-    from moetool.catalog import tiny_config
-    from moetool.count import count_config
-    from moetool.derive import derive_spec
+    from moetool.families.catalog import tiny_config
+    from moetool.analysis.count import count_config
+    from moetool.families.derive import derive_spec
     from moetool.families import Family, family_for_config
 
     cfg = tiny_config(model_type)
@@ -103,7 +103,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_curated_presets_match_published_figures(name):
-    from moetool.params import count_params
+    from moetool.analysis.params import count_params
 
     r = count_params(name)
     pub = r["preset"]["published"]

@@ -27,16 +27,16 @@ KNOWN_DIFFERENCES = {
 
 @pytest.fixture(scope="module")
 def scan():
-    from moetool.catalog import scan as run_scan
+    from moetool.families.catalog import scan as run_scan
 
     return {row["model_type"]: row for row in run_scan()}
 
 
 def test_every_moe_family_counts_exactly(scan, tmp_path):
     """One test over every MoE family (a parametrised test would have to scan at collection)."""
-    from moetool.catalog import tiny_config
-    from moetool.derive import build_meta_model, hf_config_for, meta_count
-    from moetool.params import count_params
+    from moetool.families.catalog import tiny_config
+    from moetool.families.derive import build_meta_model, hf_config_for, meta_count
+    from moetool.analysis.params import count_params
 
     moe = sorted(mt for mt, row in scan.items() if row["status"] == "moe")
     assert len(moe) >= 50, moe  # transformers 5.24 has about 60 buildable MoE text families
@@ -82,8 +82,8 @@ def test_routing_interface_is_recorded(scan):
 
 
 def test_derived_spec_layouts_and_disk_names(tmp_path):
-    from moetool.catalog import tiny_config
-    from moetool.derive import derived_spec
+    from moetool.families.catalog import tiny_config
+    from moetool.families.derive import derived_spec
     from moetool.families import Family
 
     fam = Family(derived_spec(tiny_config("glm4_moe")))  # curated too; derived here on purpose
@@ -98,18 +98,18 @@ def test_derived_spec_layouts_and_disk_names(tmp_path):
     assert (m.role, m.layer, m.expert) == ("routed_experts", 2, 5)
     assert fam.runtime_layouts == [{"block": "model.layers.{L}.mlp", "router": "gate", "experts": "experts",
                                     "routing": "experts_input", "shared": "shared_experts"}]
-    from moetool.surgery import config_keys
+    from moetool.families.resolve import config_keys
 
     assert config_keys(fam, "num_experts") == ["n_routed_experts"]
     assert config_keys(fam, "top_k") == ["num_experts_per_tok"]
 
 
 def test_fused_on_disk_family_keeps_fused_names():
-    from moetool.catalog import tiny_config
+    from moetool.families.catalog import tiny_config
     from moetool.families import family_for_config
 
     cfg = tiny_config("gpt_oss")  # curated, but derive it anyway to check the conversion path
-    from moetool.derive import derive_spec
+    from moetool.families.derive import derive_spec
     from moetool.families import Family
 
     fam = Family(derive_spec(cfg))
@@ -119,8 +119,8 @@ def test_fused_on_disk_family_keeps_fused_names():
 
 
 def test_mixers_and_zero_experts_are_reported(tmp_path):
-    from moetool.catalog import tiny_config
-    from moetool.params import count_params
+    from moetool.families.catalog import tiny_config
+    from moetool.analysis.params import count_params
 
     path = tmp_path / "c.json"
     path.write_text(json.dumps(tiny_config("qwen3_next")))
@@ -156,7 +156,7 @@ def test_unknown_model_type_is_one_line_error(tmp_path):
 
 
 def test_cached_derived_params_is_fast_without_transformers(tmp_path):
-    from moetool.catalog import tiny_config
+    from moetool.families.catalog import tiny_config
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_config("minimax_m2")))
@@ -193,8 +193,8 @@ TEXT = ("def route(tokens):\n    return sorted(tokens, key=len)\n"
 
 
 def test_derived_checkpoint_params_equal_transformers():
-    from moetool.derive import build_meta_model, hf_config_for, meta_count
-    from moetool.params import count_params
+    from moetool.families.derive import build_meta_model, hf_config_for, meta_count
+    from moetool.analysis.params import count_params
 
     config = json.loads((DERIVED / "config.json").read_text())
     r = count_params(str(DERIVED))
@@ -210,10 +210,10 @@ def test_commands_run_on_a_derived_family(tmp_path):
     import numpy as np
     import torch
 
-    from moetool.evaluate import evaluate_models
-    from moetool.loading import moe_blocks
-    from moetool.plan import plan
-    from moetool.trace import trace_model
+    from moetool.analysis.evaluate import evaluate_models
+    from moetool.runtime.loading import moe_blocks
+    from moetool.analysis.plan import plan
+    from moetool.analysis.trace import trace_model
 
     trace, loaded = trace_model(str(DERIVED), [TEXT])
     seen = {}
@@ -240,8 +240,8 @@ def test_commands_run_on_a_derived_family(tmp_path):
 def test_block_that_is_the_decoder_layer():
     """Gemma 4 puts router and experts directly in the decoder layer: the layer's own scalar is
     not part of the router."""
-    from moetool.catalog import tiny_config
-    from moetool.derive import derive_spec
+    from moetool.families.catalog import tiny_config
+    from moetool.families.derive import derive_spec
 
     spec = derive_spec(tiny_config("gemma4_text"))
     roles = {t["name"]: t["role"] for g in spec["tensors"].values() for t in g}

@@ -92,7 +92,7 @@ def test_sibling_mapping_is_data():
 def test_every_family_distills_or_is_refused(tiny_fixture, text, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from moetool.distill import distill
+    from moetool.compression.distill import distill
     from moetool.errors import MoetoolError
     from moetool.families import family_for_config
 
@@ -133,8 +133,8 @@ def test_init_is_exact_when_routing_is_constant(name):
     scaling factor and dense layers). Random init must not."""
     import torch
 
-    from moetool import distill_init as di
-    from moetool.loading import load_model, moe_blocks
+    from moetool.compression import distill_init as di
+    from moetool.runtime.loading import load_model, moe_blocks
 
     loaded = load_model(str(FIXTURES / name), dtype="float32")
     for _L, block, router, _experts in moe_blocks(loaded):
@@ -166,8 +166,8 @@ def test_init_is_exact_when_routing_is_constant(name):
 def test_dense_teacher_layer_is_padded_or_cut():
     import torch
 
-    from moetool import distill_init as di
-    from moetool.loading import load_model
+    from moetool.compression import distill_init as di
+    from moetool.runtime.loading import load_model
 
     loaded = load_model(str(FIXTURES / "tiny-deepseek-v3"), dtype="float32")  # layer 0 dense, width 64
     rc = loaded.rc
@@ -185,7 +185,8 @@ def test_dense_teacher_layer_is_padded_or_cut():
 def test_topk_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
     import torch
 
-    from moetool.distill import kl_full, kl_topk, topk_of
+    from moetool.compression.distill import kl_full, kl_topk
+    from moetool.runtime.observers import topk_of
 
     g = torch.Generator().manual_seed(0)
     t, s = torch.randn(3, 7, 50, generator=g) * 3, torch.randn(3, 7, 50, generator=g) * 3
@@ -238,8 +239,8 @@ def test_cli_refuses_out_inside_the_teacher(text):
 
 
 def test_failed_write_leaves_nothing_complete_looking(text, tmp_path, monkeypatch):
-    from moetool.distill import distill
-    from moetool.render import distill as render
+    from moetool.compression.distill import distill
+    from moetool.compression import distill_card as render
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -252,7 +253,7 @@ def test_failed_write_leaves_nothing_complete_looking(text, tmp_path, monkeypatc
 
 # -- resume, cache, processes --------------------------------------------------------------------------
 def test_resume_reaches_the_same_weights(text, tmp_path):
-    from moetool.distill import distill
+    from moetool.compression.distill import distill
     from moetool.errors import MoetoolError
 
     kw = dict(steps=6, grad_accum=2, **SMALL)
@@ -270,7 +271,7 @@ def test_resume_reaches_the_same_weights(text, tmp_path):
 
 
 def test_teacher_cache_runs_the_teacher_once_and_changes_nothing_at_full_vocabulary(text, tmp_path):
-    from moetool.distill import distill
+    from moetool.compression.distill import distill
 
     fx = str(FIXTURES / "tiny-qwen3-moe")
     kw = dict(steps=3, **SMALL)
@@ -338,7 +339,7 @@ TRAINED = [FIXTURES / "trained-mixtral", FIXTURES / "trained-deepseek-v3"]
 @pytest.mark.parametrize("teacher", TRAINED, ids=[p.name for p in TRAINED])
 def test_trained_teacher_init_and_training(teacher, tmp_path):
     """On a trained teacher: merge and top-k start closer to it than random; training lowers KL."""
-    from moetool.distill import distill
+    from moetool.compression.distill import distill
 
     if not (teacher / "config.json").is_file():
         pytest.skip(f"{teacher.name} not built (fixtures/make_trained.py)")

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from conftest import FIXTURES, assert_one_line_error, run_cli
-from moetool.evaluate import evaluate_models, windows
+from moetool.analysis.evaluate import evaluate_models, windows
 
 MIXTRAL = FIXTURES / "tiny-mixtral"
 TEXT = ("def route(tokens):\n    return sorted(tokens, key=len)\n"
@@ -26,7 +26,7 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
-    from moetool.prune import prune_checkpoint
+    from moetool.compression.prune import prune_checkpoint
 
     out = tmp_path_factory.mktemp("pruned") / "p"
     prune_checkpoint(str(MIXTRAL), str(out), keep=4, by="random", seed=1, progress=False)

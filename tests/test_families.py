@@ -8,7 +8,7 @@ import pytest
 
 from conftest import TINY
 from moetool.errors import MoetoolError
-from moetool.expr import MissingField, evaluate
+from moetool.families.expr import MissingField, evaluate
 from moetool.families import ALL_ROLES, all_families, family_for_config
 
 FAMILIES = sorted(all_families())
@@ -39,7 +39,7 @@ def test_spec_is_well_formed(name):
 
 
 def test_every_family_has_a_fixture_or_preset():
-    from moetool.source import presets
+    from moetool.checkpoint.source import presets
 
     covered = {family_for_config(p["config"]).name for p in presets().values()}
     covered |= {family_for_config(json.loads((p / "config.json").read_text())).name for p in TINY}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, TINY, assert_one_line_error, run_cli
+from tests.conftest import FIXTURES, assert_one_line_error, run_cli
 
 CALIB = FIXTURES / "corpus" / "train-prose.txt"
 FAST = dict(router_steps=3, experts_steps=3)
@@ -50,7 +50,7 @@ def _routed_problem(seed=0, T=400, H=12, I=6, E=5, k=2, bias=True):
 def test_fit_down_proj_recovers_the_map_and_both_solvers_agree():
     import torch
 
-    from moetool.heal import fit_down_proj
+    from moetool.compression.heal import fit_down_proj
 
     acts, wt, ex, tok, target, true_m, true_b = _routed_problem()
     start_m, start_b = torch.zeros_like(true_m), torch.zeros_like(true_b)
@@ -64,7 +64,7 @@ def test_fit_down_proj_recovers_the_map_and_both_solvers_agree():
 def test_fit_down_proj_ridge_pulls_towards_the_current_weights():
     import torch
 
-    from moetool.heal import fit_down_proj
+    from moetool.compression.heal import fit_down_proj
 
     acts, wt, ex, tok, target, true_m, _ = _routed_problem(bias=False)
     start = torch.zeros_like(true_m)
@@ -80,7 +80,7 @@ def test_fit_down_proj_ridge_pulls_towards_the_current_weights():
 def test_fit_router_restores_rows_when_it_cannot_gain():
     import torch
 
-    from moetool.heal import fit_router
+    from moetool.compression.heal import fit_router
 
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
 
@@ -107,8 +107,8 @@ def test_expert_activations_reproduce_every_familys_experts(tiny_fixture):
     read from the module: the linear model the down-projection fit relies on is exact."""
     import torch
 
-    from moetool.heal import DOWN, DOWN_BIAS, _call_expert, _intermediate, down_orientation, expert_activations
-    from moetool.loading import load_model, moe_blocks
+    from moetool.compression.heal import DOWN, DOWN_BIAS, _call_expert, _intermediate, down_orientation, expert_activations
+    from moetool.runtime.loading import load_model, moe_blocks
 
     loaded = load_model(str(tiny_fixture), dtype="float32")
     H = int(loaded.rc.fields["hidden_size"])
@@ -133,8 +133,8 @@ def test_down_orientation_when_hidden_equals_intermediate(family):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moetool.heal import DOWN, down_orientation, expert_activations
-    from moetool.loading import loaded_from_model, moe_blocks
+    from moetool.compression.heal import DOWN, down_orientation, expert_activations
+    from moetool.runtime.loading import loaded_from_model, moe_blocks
 
     src = FIXTURES / ("tiny-mixtral" if family == "mixtral" else "tiny-gpt-oss")
     config = AutoConfig.from_pretrained(src)
@@ -163,9 +163,9 @@ def test_heal_observer_sees_what_each_block_gets_in_the_models_own_forward(tiny_
     position embeddings)."""
     import torch
 
-    from moetool.executor import Executor
-    from moetool.heal import HealObserver, HealOptions
-    from moetool.loading import load_model, moe_blocks
+    from moetool.runtime.executor import Executor
+    from moetool.compression.heal import HealObserver, HealOptions
+    from moetool.runtime.loading import load_model, moe_blocks
 
     loaded = load_model(str(tiny_fixture), dtype="float32")
     torch.manual_seed(0)
@@ -197,8 +197,8 @@ def test_heal_observer_sees_what_each_block_gets_in_the_models_own_forward(tiny_
 def _unpruned_copy(src: Path, dst: Path) -> Path:
     """SRC copied with a provenance saying it was made from SRC (a compression that removed
     nothing)."""
-    from moetool.outdir import MARKER, marker
-    from moetool.surgery import Checkpoint, lineage
+    from moetool.checkpoint.outdir import MARKER, marker
+    from moetool.compression.surgery import Checkpoint, lineage
 
     shutil.copytree(src, dst)
     (dst / MARKER).write_text(json.dumps(marker("prune", lineage=lineage(Checkpoint(str(src))))))
@@ -208,7 +208,7 @@ def _unpruned_copy(src: Path, dst: Path) -> Path:
 def test_healing_a_model_with_nothing_removed_changes_nothing(tmp_path):
     import torch
 
-    from moetool.heal import HealOptions, heal_checkpoint
+    from moetool.compression.heal import HealOptions, heal_checkpoint
 
     src = FIXTURES / "tiny-qwen2-moe"  # shared expert and its gate: the fit must see through them
     same = _unpruned_copy(src, tmp_path / "same")
@@ -224,7 +224,7 @@ def test_healing_a_model_with_nothing_removed_changes_nothing(tmp_path):
 
 
 def _prune_for(src: Path, out: Path) -> None:
-    from moetool.prune import prune_checkpoint
+    from moetool.compression.prune import prune_checkpoint
 
     prune_checkpoint(str(src), str(out), keep=4, by="random", seed=3, regroup=True, progress=False)
 
@@ -233,8 +233,8 @@ def test_heal_works_on_every_family(tiny_fixture, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moetool.heal import HealOptions, heal_checkpoint
-    from moetool.surgery import Checkpoint, classify, read_provenance
+    from moetool.compression.heal import HealOptions, heal_checkpoint
+    from moetool.compression.surgery import Checkpoint, classify, read_provenance
 
     pruned = tmp_path / "pruned"
     _prune_for(tiny_fixture, pruned)
@@ -301,7 +301,7 @@ def test_heal_cli(tmp_path):
 
 
 def test_prune_and_merge_heal_flag(tmp_path):
-    from moetool.surgery import read_provenance
+    from moetool.compression.surgery import read_provenance
 
     calib = _calib(tmp_path)
     src = FIXTURES / "tiny-mixtral"
@@ -313,8 +313,8 @@ def test_prune_and_merge_heal_flag(tmp_path):
     prov = read_provenance(tmp_path / "p")
     assert prov["command"] == "heal" and prov["lineage"]["source"]["name"] == str(src)
     assert "pruned experts" in (tmp_path / "p" / "README.md").read_text()  # the pruning card, inside the heal card
-    from moetool.heal import HealOptions
-    from moetool.merge import merge_checkpoint
+    from moetool.compression.heal import HealOptions
+    from moetool.compression.merge import merge_checkpoint
 
     result = merge_checkpoint(str(src), str(tmp_path / "m"), 4, file=str(calib), max_tokens=100, heal=True,
                               heal_options=HealOptions(**FAST), progress=False)

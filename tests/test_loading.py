@@ -1,4 +1,4 @@
-"""moetool.loading: the loader every model-running command shares, and the MoE block finder."""
+"""moetool.runtime.loading: the loader every model-running command shares, and the MoE block finder."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from torch import nn
 
 from conftest import FIXTURES, TINY, assert_one_line_error, run_cli
 from moetool.errors import MoetoolError
-from moetool.loading import (load_model, loaded_from_model, moe_blocks, parse_device_map, parse_max_memory,
+from moetool.runtime.loading import (load_model, loaded_from_model, moe_blocks, parse_device_map, parse_max_memory,
                              parse_size)
-from moetool.trace import record_trace
+from moetool.analysis.trace import record_trace
 
 IDS = [p.name for p in TINY]
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "for i in range(10): print(i ** 2)"]
@@ -195,14 +195,14 @@ def test_load_in_8bit_reports_quantization():
 
 
 def _quant_has_loader(bits: int = 4) -> bool:
-    if importlib.util.find_spec("moetool.quant") is None:
+    if importlib.util.find_spec("moetool.runtime.quant.bnb") is None:
         return False
-    from moetool import quant
+    from moetool.runtime.quant import bnb as quant
 
     return hasattr(quant, f"load_in_{bits}bit")
 
 
-@pytest.mark.skipif(not _quant_has_loader(), reason="moetool.quant.load_in_4bit not available yet")
+@pytest.mark.skipif(not _quant_has_loader(), reason="moetool.runtime.quant.bnb.load_in_4bit not available yet")
 def test_load_in_4bit_quantizes_experts():
     lm = load_model(str(FIXTURES / "tiny-mixtral"), load_in_4bit=True)
     full = loaded(str(FIXTURES / "tiny-mixtral"))
@@ -245,7 +245,7 @@ def _next_token_kl(ref_model, model, tokenizer) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.skipif(not _quant_has_loader(), reason="moetool.quant.load_in_4bit not available yet")
+@pytest.mark.skipif(not _quant_has_loader(), reason="moetool.runtime.quant.bnb.load_in_4bit not available yet")
 @pytest.mark.parametrize("path", ["avx512bf16", "generic"])
 @pytest.mark.parametrize("fixture", ALL_FIXTURES, ids=[p.name for p in ALL_FIXTURES])
 def test_load_in_4bit_runs_every_fixture_on_each_cpu_path(monkeypatch, fixture, path):
@@ -255,7 +255,7 @@ def test_load_in_4bit_runs_every_fixture_on_each_cpu_path(monkeypatch, fixture, 
     close to the full-precision model's."""
     from bnb_paths import assert_path_taken, force_cpu_path, linear4bit_layers
 
-    from moetool import quant
+    from moetool.runtime.quant import bnb as quant
 
     force_cpu_path(monkeypatch, path)
     lm = load_model(str(fixture), load_in_4bit=True)
@@ -283,7 +283,7 @@ def test_load_in_8bit_runs_every_fixture(fixture):
 @pytest.mark.skipif(_quant_has_loader(), reason="the 4-bit loader exists")
 def test_load_in_4bit_without_quant_helper_is_one_line():
     assert_one_line_error(run_cli("trace", FIXTURES / "tiny-mixtral", "--prompt", "hi", "--load-in-4bit"),
-                          "moetool.quant")
+                          "moetool.runtime.quant.bnb")
 
 
 # -- errors --------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, assert_one_line_error, run_cli
-from moetool.merge import greedy_match, group_experts, merge_checkpoint, usage_weights
+from moetool.compression.merge import greedy_match, group_experts, merge_checkpoint, usage_weights
 
 MIXTRAL = FIXTURES / "tiny-mixtral"
 TEXT = ("def route(tokens):\n    return sorted(tokens, key=len)\n"
@@ -32,7 +32,7 @@ def _reader(d: Path):
 
 @pytest.fixture(scope="module")
 def mixtral_trace(tmp_path_factory) -> Path:
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     trace, _ = trace_model(str(MIXTRAL), [TEXT] * 2, logits=True)
     path = tmp_path_factory.mktemp("trace") / "mixtral.trace"
@@ -44,7 +44,7 @@ def test_merged_weights_and_router_rows_are_usage_weighted_means(tmp_path, mixtr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moetool.trace import Trace
+    from moetool.analysis.trace import Trace
 
     out = tmp_path / "m"
     result = merge_checkpoint(str(MIXTRAL), str(out), 3, similarity="router", trace=str(mixtral_trace), progress=False)
@@ -104,8 +104,8 @@ def test_align_merges_a_neuron_permuted_copy_back_into_the_original(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from moetool.merge import alignment_perms
-    from moetool.surgery import Checkpoint, OutExpert, _Combiner
+    from moetool.compression.merge import alignment_perms
+    from moetool.compression.surgery import Checkpoint, OutExpert, _Combiner
 
     src = tmp_path / "model"
     shutil.copytree(MIXTRAL, src)
@@ -143,7 +143,7 @@ def test_merged_checkpoints_load(tmp_path, name, to, regroup):
 
     src = FIXTURES / name
     out = tmp_path / "m"
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     trace, _ = trace_model(str(src), [TEXT], logits=True)
     trace.save(tmp_path / "t.trace")
@@ -172,7 +172,7 @@ def test_router_row_dominant_keeps_the_dominant_experts_row(tmp_path):
     usage-weighted average; average (the default) differs wherever a group has several members."""
     import torch
 
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     src = FIXTURES / "tiny-deepseek-v3"
     trace, _ = trace_model(str(src), [TEXT], logits=True)
@@ -241,8 +241,8 @@ def test_weight_similarity_in_chunks_equals_the_direct_cosine():
     flattened (w1, w2, w3) computed in one go."""
     import torch
 
-    from moetool.merge import weight_similarity
-    from moetool.surgery import Checkpoint
+    from moetool.compression.merge import weight_similarity
+    from moetool.compression.surgery import Checkpoint
 
     ckpt = Checkpoint(str(MIXTRAL))
     got = weight_similarity(ckpt, 1, 8, chunk_bytes=5000)  # many chunks per projection

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import FIXTURES, ROOT, assert_one_line_error, run_cli
-from moetool.params import count_params, list_presets
-from moetool.source import presets
+from moetool.analysis.params import count_params, list_presets
+from moetool.checkpoint.source import presets
 
 PRESETS = sorted(presets())
 

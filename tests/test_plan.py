@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, assert_one_line_error, run_cli
-from moetool.params import count_params, resolve_family
-from moetool.plan import PRECISIONS, model_layout, plan
-from moetool.plan_ep import synthetic_trace
-from moetool.source import resolve
+from moetool.analysis.params import count_params
+from moetool.families.resolve import resolve_family
+from moetool.analysis.plan import PRECISIONS, model_layout, plan
+from moetool.analysis.plan_ep import synthetic_trace
+from moetool.checkpoint.source import resolve
 
 GiB = 2**30
 TRAINED = [FIXTURES / "trained-mixtral", FIXTURES / "trained-deepseek-v3"]
@@ -135,8 +136,8 @@ def test_hottest_experts_get_the_gpu_and_hit_rate_is_a_direct_count(tmpdir_modul
     budget = resident + 5 * per_expert  # 5 of the 16 experts fit
     traced = plan(model, budget, context=0, trace=path, holdout=0.25)
     blind = plan(model, budget, context=0)
-    from moetool.plan import split_tokens
-    from moetool.trace import Trace
+    from moetool.analysis.plan import split_tokens
+    from moetool.analysis.trace import Trace
 
     tr = Trace.load(path)
     fit_mask, held_mask, _ = split_tokens(tr, 0.25)
@@ -188,7 +189,7 @@ def test_ep_map_and_loads_match_a_per_token_replay(tmpdir_module, tmp_path):
     out = tmp_path / "ep.json"
     r = plan(model, "1GiB", trace=path, ep=4, nodes=2, redundant=4, holdout=0, ep_map_out=str(out)).report
     m = json.loads(out.read_text())
-    from moetool.trace import Trace
+    from moetool.analysis.trace import Trace
 
     tr = Trace.load(path)
     E, P, N = 8, 12, 4
@@ -233,7 +234,7 @@ def test_dropped_fraction_matches_a_direct_count(tmpdir_module):
     path = _trace_file(model, 1500, 37, 0.4, 4, tmpdir_module)
     factors = ["1.0", "1.25", "2"]
     r = plan(model, "1GiB", trace=path, capacity_factors=factors).report
-    from moetool.trace import Trace
+    from moetool.analysis.trace import Trace
 
     tr = Trace.load(path)
     E, k = tr.num_experts, tr.top_k
@@ -260,7 +261,7 @@ def test_dropped_fraction_matches_a_direct_count(tmpdir_module):
 
 @pytest.mark.parametrize("devices,nodes", [(8, 2), (48, 4), (96, 8)])  # 32-bit, 64-bit and sorted paths
 def test_distinct_devices_and_nodes_per_token(devices, nodes):
-    from moetool.plan_ep import distinct_counts
+    from moetool.analysis.plan_ep import distinct_counts
 
     rng = np.random.default_rng(devices)
     dev_t = rng.integers(0, devices, (8, 500))
@@ -283,7 +284,7 @@ def test_holdout_splits_by_token_order_for_one_sequence(tmp_path):
 def _outputs(lm, ids):
     import torch
 
-    from moetool.trace import record_token_ids
+    from moetool.analysis.trace import record_token_ids
 
     with torch.inference_mode():
         logits = lm.model(input_ids=torch.tensor([ids])).logits.float()
@@ -292,7 +293,7 @@ def _outputs(lm, ids):
 
 @lru_cache(maxsize=None)
 def _plain(model: str):
-    from moetool.loading import load_model
+    from moetool.runtime.loading import load_model
 
     return load_model(model)
 
@@ -301,7 +302,7 @@ def _plain(model: str):
 def test_device_map_loads_and_gives_the_same_outputs(fixture, tmp_path):
     import torch
 
-    from moetool.loading import load_model
+    from moetool.runtime.loading import load_model
 
     model = str(FIXTURES / fixture)
     lay = model_layout(_rc(model), 0, 1)
@@ -419,8 +420,8 @@ def test_trained_fixture_routing(fixture, tmp_path):
         pytest.skip(f"{fixture.name} not built (make trained-fixtures)")
     import torch
 
-    from moetool.loading import load_model
-    from moetool.trace import record_token_ids, record_trace
+    from moetool.runtime.loading import load_model
+    from moetool.analysis.trace import record_token_ids, record_trace
 
     lm = load_model(str(fixture))
     trace = record_trace(lm, corpus_paragraphs()[:200], max_tokens=3000, batch_size=64)

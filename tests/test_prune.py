@@ -14,7 +14,7 @@ import pytest
 from conftest import FIXTURES, assert_one_line_error, run_cli
 from oracles import routing_mask
 from moetool.errors import MoetoolError
-from moetool.prune import calibrate, choose_experts, prune_checkpoint, stats_from_trace
+from moetool.compression.prune import calibrate, choose_experts, prune_checkpoint, stats_from_trace
 
 MIXTRAL = FIXTURES / "tiny-mixtral"
 TEXT = ("def route(tokens):\n    return sorted(tokens, key=len)\n"
@@ -77,7 +77,7 @@ def test_pruned_model_equals_original_with_dropped_experts_masked(name, keep, tm
     diff = (want - got).abs().max().item()
     assert diff < 1e-4, diff
     assert (unmasked - got).abs().max().item() > 100 * max(diff, 1e-6)  # masking mattered
-    from moetool.loading import loaded_from_model, moe_blocks
+    from moetool.runtime.loading import loaded_from_model, moe_blocks
 
     _, _, router, _ = next(iter(moe_blocks(loaded_from_model(pruned))))  # the family's router module
     rows = next(p for p in router.parameters() if p.dim() == 2).shape[0]
@@ -85,7 +85,7 @@ def test_pruned_model_equals_original_with_dropped_experts_masked(name, keep, tm
 
 
 def test_frequency_and_weight_keep_the_most_used_experts(tmp_path):
-    from moetool.trace import Trace, trace_model
+    from moetool.analysis.trace import Trace, trace_model
 
     trace, _ = trace_model(str(MIXTRAL), [TEXT] * 3)
     path = tmp_path / "t.trace"
@@ -145,7 +145,7 @@ def test_reap_scores_match_a_direct_computation():
 
 
 def test_reap_with_only_a_trace_reruns_its_texts(tmp_path):
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     trace, _ = trace_model(str(MIXTRAL), [TEXT])
     path = tmp_path / "t.trace"
@@ -159,11 +159,11 @@ def test_reap_with_only_a_trace_reruns_its_texts(tmp_path):
 
 
 def test_global_budget_pads_every_layer_to_the_largest_count():
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     rc = resolve_family(resolve(str(MIXTRAL)))
-    from moetool.prune import RoutingStats
+    from moetool.compression.prune import RoutingStats
 
     counts = {0: np.array([100, 90, 80, 1, 1, 1, 1, 1]), 1: np.array([30, 30, 30, 30, 30, 30, 2, 2])}
     stats = RoutingStats(8, 2, [0, 1], 100, counts, {L: c * 0.5 for L, c in counts.items()})
@@ -177,8 +177,8 @@ def test_global_budget_pads_every_layer_to_the_largest_count():
 
 
 def test_random_is_seeded():
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     rc = resolve_family(resolve(str(FIXTURES / "tiny-olmoe")))
     a = choose_experts(rc, None, 4, "random", seed=1)["kept"]
@@ -255,7 +255,7 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
 
 
 def test_trace_of_another_model_is_refused(tmp_path):
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     trace, _ = trace_model(str(FIXTURES / "tiny-qwen3-moe"), [TEXT])
     trace.save(tmp_path / "q.trace")
@@ -264,7 +264,7 @@ def test_trace_of_another_model_is_refused(tmp_path):
 
 
 def test_stats_from_trace_counts_every_choice():
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     trace, _ = trace_model(str(MIXTRAL), [TEXT])
     stats = stats_from_trace(trace)

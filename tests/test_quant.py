@@ -1,4 +1,4 @@
-"""moetool.quant: 4-bit (and int8) MoE experts, not just nn.Linear.
+"""moetool.runtime.quant.bnb: 4-bit (and int8) MoE experts, not just nn.Linear.
 
 Tiny seeded models built from configs here (Mixtral, DeepSeek-V3, gpt-oss: hidden 64, 2 layers,
 8 experts, expert width 128) check that the fused 3-D experts really end up quantized (bytes vs
@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # running as a script
 
 from bnb_paths import (PATHS, assert_path_taken, cpu_has_avx512bf16, force_cpu_path,  # noqa: E402
                        linear4bit_layers, reference_packed_gemv)
-from moetool import quant  # noqa: E402
+from moetool.runtime.quant import bnb as quant  # noqa: E402
 from moetool.errors import MoetoolError  # noqa: E402
 
 FIXTURES = ROOT / "fixtures"
@@ -151,7 +151,7 @@ needs_bnb_cpu = pytest.mark.skipif(not _backend_ok(), reason="bitsandbytes 4-bit
 
 # -- import ------------------------------------------------------------------------------------------------------
 def test_import_is_light():
-    code = "import sys, moetool.quant; print(sorted(m for m in ('torch', 'bitsandbytes', 'transformers') if m in sys.modules))"
+    code = "import sys, moetool.runtime.quant.bnb; print(sorted(m for m in ('torch', 'bitsandbytes', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]" and out.stderr == ""
 
@@ -400,7 +400,7 @@ def _reference_linear(layer, x):
 @needs_bnb_cpu
 @pytest.mark.parametrize("path", PATHS)
 def test_rule_is_exactly_what_each_cpu_path_runs(monkeypatch, path):
-    """moetool.quant.linear4bit_problem names exactly the shapes bitsandbytes' 4-bit Linear
+    """moetool.runtime.quant.bnb.linear4bit_problem names exactly the shapes bitsandbytes' 4-bit Linear
     cannot run on the AVX512-BF16 path (a shape error on the first forward), and the generic
     path runs them all; where a layer runs, it computes x @ W.T + b with W its own codes."""
     force_cpu_path(monkeypatch, path)
@@ -442,7 +442,7 @@ def test_reference_gemv_matches_the_avx512bf16_kernel(monkeypatch):
 @needs_bnb_cpu
 @pytest.mark.parametrize("path", PATHS)
 def test_load_in_4bit_on_each_cpu_path(monkeypatch, mixtral_checkpoint, path):
-    """The fused-expert path of moetool.quant with bitsandbytes' Linear layers on either CPU path."""
+    """The fused-expert path of moetool.runtime.quant.bnb with bitsandbytes' Linear layers on either CPU path."""
     force_cpu_path(monkeypatch, path)
     ref = _load_plain(mixtral_checkpoint)
     model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
@@ -531,11 +531,11 @@ def test_expert_dequantize_on_each_cpu_dequant_path(monkeypatch, has_avx512, sha
 
 @needs_bnb_cpu
 def test_fallback_to_quantizing_after_loading_is_loud(monkeypatch, mixtral_checkpoint, caplog):
-    """Where moetool's registered quantizer cannot be had (moetool.bnb_quantizer fails to
+    """Where moetool's registered quantizer cannot be had (moetool.runtime.quant.bnb_quantizer fails to
     import against some transformers), the experts are quantized after a full-precision load:
     same model, but the report and stderr say so."""
-    monkeypatch.setitem(sys.modules, "moetool.bnb_quantizer", None)  # import -> ImportError
-    with caplog.at_level("WARNING", logger="moetool.quant"):
+    monkeypatch.setitem(sys.modules, "moetool.runtime.quant.bnb_quantizer", None)  # import -> ImportError
+    with caplog.at_level("WARNING", logger="moetool.runtime.quant.bnb"):
         model, report = quant.load_in_4bit(mixtral_checkpoint, dtype="bfloat16")
     assert report["experts_quantized_while_loading"] == 0 and report["experts_quantized_after_loading"] == 4
     assert report["experts"] == "nf4" and len(report["warnings"]) == 1
@@ -548,7 +548,7 @@ def test_fallback_to_quantizing_after_loading_is_loud(monkeypatch, mixtral_check
 
 def test_fallback_warning_reaches_stderr(mixtral_checkpoint):
     """A program that sets up no logging still sees the warning on stderr (logging's last resort)."""
-    code = ("import sys; sys.modules['moetool.bnb_quantizer'] = None; from moetool import quant; "
+    code = ("import sys; sys.modules['moetool.runtime.quant.bnb_quantizer'] = None; from moetool.runtime.quant import bnb as quant; "
             f"quant.load_in_4bit({str(mixtral_checkpoint)!r}, dtype='bfloat16')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -578,7 +578,7 @@ def test_registered_quantizer_patches_nothing(mixtral_checkpoint):
 
 
 def test_int8_layers_take_inputs_of_any_rank():
-    """bitsandbytes' int8 matmul flattens 3-D inputs only; moetool.quant's hooks give a 4-D
+    """bitsandbytes' int8 matmul flattens 3-D inputs only; moetool.runtime.quant.bnb's hooks give a 4-D
     input (DeepSeek's kv_b_proj) the same rows, so the result is the 3-D one, reshaped."""
     import bitsandbytes as bnb
 

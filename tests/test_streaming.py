@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import FIXTURES, ROOT, TINY, run_cli
-from moetool.loading import load_model
+from moetool.runtime.loading import load_model
 
 ALL = TINY + sorted(p for p in FIXTURES.glob("trained-*") if p.is_dir())
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def forward(self, hidden_states):",
@@ -58,7 +57,7 @@ def test_streamed_layers_hold_exactly_the_resident_weights(fixture):
 
 @pytest.mark.parametrize("fixture", ALL, ids=[p.name for p in ALL])
 def test_streamed_trace_routes_every_token_like_the_resident_model(fixture):
-    from moetool.trace import record_trace
+    from moetool.analysis.trace import record_trace
 
     ref = record_trace(resident(str(fixture)), TEXTS, logits=True, batch_size=2)
     got = record_trace(load_model(str(fixture), stream=True), TEXTS, logits=True, batch_size=2)
@@ -69,7 +68,7 @@ def test_streamed_trace_routes_every_token_like_the_resident_model(fixture):
 
 @pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
 def test_streamed_reap_and_expert_outputs_match(fixture, tmp_path):
-    from moetool.prune import calibrate
+    from moetool.compression.prune import calibrate
 
     f = tmp_path / "calib.txt"
     f.write_text("\n".join(TEXTS))
@@ -86,7 +85,7 @@ def test_streamed_reap_and_expert_outputs_match(fixture, tmp_path):
 
 @pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
 def test_streamed_eval_gives_the_same_loss(fixture, tmp_path):
-    from moetool.evaluate import evaluate_models
+    from moetool.analysis.evaluate import evaluate_models
 
     f = tmp_path / "text.txt"
     f.write_text(" ".join(TEXTS * 4))
@@ -99,7 +98,7 @@ def test_streamed_eval_gives_the_same_loss(fixture, tmp_path):
 
 def test_eval_ref_kl_streamed_against_resident(tmp_path):
     """KL of a streamed model against the same model resident as --ref is zero (to rounding)."""
-    from moetool.evaluate import evaluate_models
+    from moetool.analysis.evaluate import evaluate_models
 
     f = tmp_path / "text.txt"
     f.write_text(" ".join(TEXTS * 4))
@@ -113,8 +112,8 @@ def test_eval_ref_kl_streamed_against_resident(tmp_path):
 
 
 def test_activations_spilled_to_disk_give_the_same_trace():
-    from moetool.executor import Executor
-    from moetool.observers import RoutingRecorder
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.observers import RoutingRecorder
 
     lm = resident(str(FIXTURES / "tiny-qwen2-moe"))
     tok = lm.tokenizer
@@ -134,9 +133,9 @@ def test_layer_end_may_change_the_layer_and_the_next_layers_see_it():
     """An observer that changes a layer's weights in layer_end (heal) returns True: the next
     layer's inputs are recomputed with the changed weights, exactly as a resident model with
     that change."""
-    from moetool.executor import Executor, Observer
-    from moetool.observers import RoutingRecorder
-    from moetool.trace import record_trace
+    from moetool.runtime.executor import Executor, Observer
+    from moetool.runtime.observers import RoutingRecorder
+    from moetool.analysis.trace import record_trace
 
     fx = str(FIXTURES / "tiny-olmoe")
 
@@ -181,7 +180,7 @@ def test_trace_command_streams(tmp_path):
         r = _json(run_cli("trace", fx, "--prompt", TEXTS[0], "--prompt", TEXTS[2], "--json", "--out", out, flag))
         outs.append((r, out))
     assert outs[1][0]["load"]["streamed"] is True and outs[0][0]["load"]["streamed"] is False
-    from moetool.trace import Trace
+    from moetool.analysis.trace import Trace
 
     _same_routing(Trace.load(outs[0][1]), Trace.load(outs[1][1]))
 
@@ -229,7 +228,7 @@ def test_eval_command_streams(tmp_path):
 
 
 def test_distill_refuses_stream_in_one_line():
-    from moetool.distill import DistillOptions, check_options
+    from moetool.compression.distill import DistillOptions, check_options
     from moetool.errors import MoetoolError
 
     opts = DistillOptions(out="/tmp/x-never", files=[str(FIXTURES / "corpus" / "train.txt")],
@@ -242,9 +241,9 @@ def test_distill_refuses_stream_in_one_line():
 _CHILD = r"""
 import json, os, signal, sys
 import numpy as np
-from moetool.loading import load_model
-from moetool.executor import Executor, Observer
-from moetool.observers import RoutingRecorder, ExpertProbe
+from moetool.runtime.loading import load_model
+from moetool.runtime.executor import Executor, Observer
+from moetool.runtime.observers import RoutingRecorder, ExpertProbe
 fx, run_dir, resume, kill_at, out = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
 lm = load_model(fx, stream=True, run_dir=run_dir, resume=resume)
 texts = ["The quick brown fox jumps over the lazy dog.", "def forward(self, hidden_states):",
@@ -290,7 +289,7 @@ def test_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
 def test_streaming_on_cuda_prefetches_and_routes_like_the_resident_model():
     """On a GPU each layer goes to the device (the next one read into pinned memory while the
     current one computes) and routing equals the resident CPU run."""
-    from moetool.trace import record_trace
+    from moetool.analysis.trace import record_trace
 
     fx = str(FIXTURES / "trained-mixtral")
     lm = load_model(fx, stream=True, device_map="cuda:0")
@@ -302,7 +301,7 @@ def test_streaming_on_cuda_prefetches_and_routes_like_the_resident_model():
 
 
 def test_streams_by_itself_when_the_weights_do_not_fit(monkeypatch, capsys):
-    import moetool.loading as loading
+    import moetool.runtime.loading as loading
 
     fx = str(FIXTURES / "tiny-olmoe")
     monkeypatch.setattr(loading, "_available_memory", lambda: 100_000)  # less than the 0.3 MB of weights
@@ -325,9 +324,9 @@ def test_resume_without_run_dir_is_a_one_line_error():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_streamed_quantized_experts_route_like_the_resident_model_with_quantized_experts(bits):
     """--stream --load-in-4bit/8bit quantizes each layer's fused experts as it is read
-    (moetool.quant), exactly as quantize_experts does on the whole resident model."""
-    from moetool import quant
-    from moetool.trace import record_trace
+    (moetool.runtime.quant.bnb), exactly as quantize_experts does on the whole resident model."""
+    from moetool.runtime.quant import bnb as quant
+    from moetool.analysis.trace import record_trace
 
     fx = str(FIXTURES / "tiny-qwen3-moe")
     if bits == 4:
@@ -349,8 +348,8 @@ def test_streamed_quantized_experts_route_like_the_resident_model_with_quantized
 
 def test_resume_refuses_a_checkpoint_of_other_text(tmp_path):
     from moetool.errors import MoetoolError
-    from moetool.executor import Executor
-    from moetool.observers import RoutingRecorder
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.observers import RoutingRecorder
 
     lm = load_model(str(FIXTURES / "tiny-olmoe"), stream=True, run_dir=str(tmp_path))
     seqs = [lm.tokenizer(t)["input_ids"] for t in TEXTS]

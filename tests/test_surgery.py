@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, assert_one_line_error, run_cli
-from moetool import surgery
+from moetool.compression import surgery
 from moetool.errors import MoetoolError
 from moetool.families import all_families
-from moetool.surgery import Checkpoint, OutExpert, SurgeryPlan, config_keys, run_surgery
+from moetool.compression.surgery import Checkpoint, OutExpert, SurgeryPlan, run_surgery
+from moetool.families.resolve import config_keys
 
 MIXTRAL = FIXTURES / "tiny-mixtral"
 DSV3 = FIXTURES / "tiny-deepseek-v3"

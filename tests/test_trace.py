@@ -14,9 +14,9 @@ import torch
 
 from conftest import FIXTURES, ROOT, TINY, assert_one_line_error, run_cli
 from moetool.errors import MoetoolError
-from moetool.loading import load_model, moe_blocks
-from moetool.trace import Trace, check_trace_matches, read_texts, record_token_ids, record_trace
-from moetool.trace_stats import layer_stats, summarize
+from moetool.runtime.loading import load_model, moe_blocks
+from moetool.analysis.trace import Trace, check_trace_matches, read_texts, record_token_ids, record_trace
+from moetool.analysis.trace_stats import layer_stats, summarize
 
 IDS = [p.name for p in TINY]
 PROMPTS = [

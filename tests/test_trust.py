@@ -33,8 +33,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _rc(path: Path):
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     return resolve_family(resolve(str(path)))
 
@@ -50,7 +50,7 @@ def _drop_last_shard(d: Path) -> list[str]:
 
 
 def test_incomplete_checkpoint_is_named_before_any_load(tmp_path):
-    from moetool.checks import check_weights
+    from moetool.checkpoint.checks import check_weights
 
     d = _copy(MIXTRAL, tmp_path / "m")
     gone = _drop_last_shard(d)
@@ -67,7 +67,7 @@ def test_incomplete_checkpoint_is_named_before_any_load(tmp_path):
 
 
 def test_alias_layouts_and_packed_companions_count_as_present():
-    from moetool.checks import missing_tensors
+    from moetool.checkpoint.checks import missing_tensors
 
     rc = _rc(MIXTRAL)
     names = {t.name for t in rc.family.tensors(rc)}
@@ -93,7 +93,7 @@ def test_a_load_with_unexpected_or_missing_keys_is_an_error(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from moetool.loading import check_loading_info, load_model
+    from moetool.runtime.loading import check_loading_info, load_model
 
     d = _copy(MIXTRAL, tmp_path / "m")
     save_file({"model.layers.0.self_attn.surplus.weight": torch.zeros(2, 2)}, str(d / "extra.safetensors"))
@@ -124,7 +124,7 @@ def _pickled_copy(tmp_path: Path, state: dict | None = None) -> Path:
 
 
 def test_pickles_only_when_asked_and_then_weights_only(tmp_path):
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     d = _pickled_copy(tmp_path)
     for cmd in (["trace", d, "--prompt", "hi"], ["eval", d, "--file", TEXT],
@@ -206,7 +206,7 @@ def test_nonsense_configs_are_one_line_naming_the_key(tmp_path, fixture, change,
 
 
 def test_every_preset_and_fixture_is_valid():
-    from moetool.params import list_presets
+    from moetool.analysis.params import list_presets
 
     assert len(list_presets()) >= 10
     for d in sorted(FIXTURES.glob("t*-*")):
@@ -217,7 +217,7 @@ def test_every_preset_and_fixture_is_valid():
 # -- 4. a trace of another model --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     root = tmp_path_factory.mktemp("traces")
     out = {}
@@ -236,8 +236,8 @@ def test_a_trace_carries_its_model_fingerprint(traces, tmp_path):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from moetool.fingerprint import model_fingerprint
-    from moetool.trace import Trace
+    from moetool.checkpoint.fingerprint import model_fingerprint
+    from moetool.analysis.trace import Trace
 
     recorded = Trace.load(traces["mixtral"]).meta["model_fingerprint"]
     assert recorded == model_fingerprint(_rc(MIXTRAL), MIXTRAL)
@@ -273,7 +273,7 @@ def test_a_trace_of_another_model_is_refused_unless_accepted(traces, tmp_path):
 
 
 def test_distill_checks_the_trace_before_loading(traces, tmp_path, monkeypatch):
-    from moetool import distill as d
+    from moetool.compression import distill as d
 
     monkeypatch.setattr(d, "_run", lambda *a, **k: pytest.fail("loaded the teacher before checking the trace"))
     with pytest.raises(MoetoolError, match="recorded on another model"):
@@ -284,7 +284,7 @@ def _retag(trace_path: Path, model: Path, tmp_path: Path) -> Path:
     """The mixtral trace with the shapes of MODEL's routing (so only the fingerprint differs)."""
     import numpy as np
 
-    from moetool.trace import Trace
+    from moetool.analysis.trace import Trace
 
     tr = Trace.load(trace_path)
     rc = _rc(model)
@@ -306,7 +306,7 @@ def test_an_old_trace_without_fingerprint_is_accepted_with_a_warning(traces, tmp
 
 # -- 6. checks before the expensive part --------------------------------------------------------------------------------
 def test_prune_refuses_group_constraints_before_calibrating(monkeypatch, tmp_path):
-    from moetool import prune
+    from moetool.compression import prune
 
     monkeypatch.setattr(prune, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking the groups"))
     with pytest.raises(MoetoolError, match="groups"):
@@ -318,8 +318,8 @@ def test_distill_checks_out_and_disk_before_loading(monkeypatch, tmp_path):
     import errno
     import tempfile
 
-    from moetool import distill as d
-    from moetool import loading
+    from moetool.compression import distill as d
+    from moetool.runtime import loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded the teacher first"))
     usage = collections.namedtuple("usage", "total used free")
@@ -358,7 +358,7 @@ def test_a_read_only_file_system_is_said_as_such(tmp_path):
 # -- 7. litter, --out ., --force --------------------------------------------------------------------------------------
 _SLOW_WRITER = textwrap.dedent("""
     import sys, time
-    from moetool import surgery
+    from moetool.compression import surgery
     real = surgery.write_safetensors
     calls = []
     def slow(path, tensors, metadata=None, on_tensor=None):
@@ -472,8 +472,8 @@ def test_trace_generate_prints_no_transformers_warning():
 
 
 def test_a_distilled_qwen3_student_has_no_moe_keys():
-    from moetool.distill_init import student_config
-    from moetool.source import resolve
+    from moetool.compression.distill_init import student_config
+    from moetool.checkpoint.source import resolve
 
     src = resolve(str(FIXTURES / "tiny-qwen3-moe"))
     assert "num_local_experts" in src.config  # the fixture carries the fallback key
@@ -487,7 +487,8 @@ def test_merge_says_why_it_needs_routing_statistics(tmp_path):
 
 
 def test_safetensor_errors_and_os_errors_are_one_line_exit_2(monkeypatch, capsys):
-    from moetool import cli, params
+    from moetool import cli
+    from moetool.analysis import params
 
     class SafetensorError(Exception):
         pass
@@ -507,7 +508,7 @@ def test_safetensor_errors_and_os_errors_are_one_line_exit_2(monkeypatch, capsys
 
 def test_sigterm_while_loading_exits_143(tmp_path):
     """Not only during a write: SIGTERM anywhere is a clean exit 143."""
-    p = subprocess.Popen([sys.executable, "-c", "import time, sys\nfrom moetool import cli, params\n"
+    p = subprocess.Popen([sys.executable, "-c", "import time, sys\nfrom moetool import cli\nfrom moetool.analysis import params\n"
                           "params.count_params = lambda *a, **k: (print('READY', file=sys.stderr, flush=True), "
                           "time.sleep(60))\ncli.main(['params', 'mixtral'])"], cwd=ROOT, stderr=subprocess.PIPE,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -4,13 +4,13 @@
     @click.argument("model")
     @loading_options
     def command(model, load_options, ...):
-        from moetool.loading import load_model
+        from moetool.runtime.loading import load_model
         loaded = load_model(model, **load_options)
 
 The decorator adds --dtype, --device-map, --max-memory, --offload-folder, --load-in-4bit,
 --load-in-8bit, --trust-remote-code, --allow-pickle, --stream/--no-stream, --run-dir and --resume,
 and hands them to the command as one dict, ``load_options``, whose keys are ``load_model``'s
-keyword arguments. --progress/--no-progress sets moetool.progress's default for the process (with
+keyword arguments. --progress/--no-progress sets moetool.runtime.progress's default for the process (with
 neither, progress shows when stderr is a terminal and the command is not printing --json).
 """
 
@@ -20,7 +20,7 @@ import functools
 
 import click
 
-from moetool.loading import DTYPES
+from moetool.runtime.loading import DTYPES
 
 OPTION_NAMES = ("dtype", "device_map", "max_memory", "offload_folder", "load_in_4bit", "load_in_8bit",
                 "trust_remote_code", "allow_pickle", "stream", "run_dir", "resume")
@@ -70,7 +70,7 @@ def loading_options(func=None, *, stream: bool = True):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from moetool import progress
+        from moetool.runtime import progress
 
         load_options = {name: kwargs.pop(name) for name in names}
         flag = kwargs.pop("progress_flag")

@@ -56,7 +56,7 @@ def command(model: str, out: str, files: tuple[str, ...], as_json: bool, eval_fi
     `accelerate launch` (one process per GPU; several CPU processes with torchrun). The
     teacher is loaded with the loading options below (the student trains in float32).
     """
-    from moetool.distill import distill
+    from moetool.compression.distill import distill
     from moetool.render import print_json
     from moetool.render.distill import render_distill
 

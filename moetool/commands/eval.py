@@ -21,7 +21,7 @@ from moetool.commands._loading_options import loading_options
 def command(models, file, ref, max_tokens, seq_len, batch_size, as_json, load_options) -> None:
     """Perplexity of each MODEL on the text of --file and, against --ref, the KL divergence of
     next-token distributions and top-1 agreement, side by side. Models load one at a time."""
-    from moetool.evaluate import evaluate_models
+    from moetool.analysis.evaluate import evaluate_models
 
     result = evaluate_models(list(models), file, ref=ref, max_tokens=max_tokens, seq_len=seq_len,
                              batch_size=batch_size, load_options=load_options, progress=not as_json)

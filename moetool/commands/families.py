@@ -15,7 +15,7 @@ def command(refresh: bool, as_json: bool) -> None:
 
     The first run scans transformers' model types (about 10 s); later runs read the cached scan.
     """
-    from moetool.catalog import families
+    from moetool.families.catalog import families
     from moetool.render import print_json
     from moetool.render.families import render_families
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from moetool.commands._loading_options import loading_options
-from moetool.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS
+from moetool.compression.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS
 
 
 @click.command("heal")
@@ -37,7 +37,7 @@ def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, ex
     calibration text.
     Writes an ordinary checkpoint of the same shape (--out appears only when complete).
     """
-    from moetool.heal import HealOptions, heal_checkpoint
+    from moetool.compression.heal import HealOptions, heal_checkpoint
 
     opts = HealOptions(router_steps=router_steps, experts_steps=experts_steps, ridge=ridge, router_reg=router_reg)
     result = heal_checkpoint(compressed, ref, file, out, max_tokens=max_tokens, batch_size=batch_size, options=opts,

@@ -33,7 +33,7 @@ def command(model, out, to, similarity, align, router_row, trace, file, max_toke
     experts by similarity, average each group weighted by usage, and write a checkpoint that
     loads in transformers (shard by shard; --out appears only when complete).
     """
-    from moetool.merge import merge_checkpoint
+    from moetool.compression.merge import merge_checkpoint
 
     result = merge_checkpoint(model, out, to, similarity=similarity, trace=trace, file=file, max_tokens=max_tokens,
                               batch_size=batch_size, align=align, regroup=regroup, force=force,

@@ -21,7 +21,7 @@ def command(model: str | None, list_presets: bool, per_layer: bool, context: int
     directory (counted exactly from its safetensors headers), or a Hub id already in the
     local Hugging Face cache. Never loads tensor data; never imports torch.
     """
-    from moetool import params as lib
+    from moetool.analysis import params as lib
     from moetool.render import print_json
     from moetool.render.params import render_params, render_preset_list
 

@@ -53,8 +53,8 @@ def command(model, gpu_memory, gpus, cpu_memory, reserve, context, batch, precis
     cached Hub id. No weights are read; torch and transformers are imported only to write a
     device map.
     """
-    from moetool.plan import plan
-    from moetool.plan_ep import parse_factor
+    from moetool.analysis.plan import plan
+    from moetool.analysis.plan_ep import parse_factor
     from moetool.render import print_json
 
     for c in capacity_factors:

@@ -34,7 +34,7 @@ def command(model, out, keep, ratio, global_budget, by, seed, trace, file, max_t
     The checkpoint is rewritten shard by shard (never the whole model in memory); --out
     appears only when complete.
     """
-    from moetool.prune import prune_checkpoint
+    from moetool.compression.prune import prune_checkpoint
 
     result = prune_checkpoint(model, out, keep=keep, ratio=ratio, by=by, trace=trace, file=file,
                               max_tokens=max_tokens, batch_size=batch_size, seed=seed,

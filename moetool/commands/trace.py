@@ -11,7 +11,7 @@ def _emit(summary: dict, as_json: bool, plot: str | None) -> None:
     from moetool.render import print_json
 
     if plot:
-        from moetool.plot import load_heatmap
+        from moetool.render.plot import load_heatmap
 
         load_heatmap(summary, plot)
     if as_json:
@@ -32,8 +32,8 @@ def _emit(summary: dict, as_json: bool, plot: str | None) -> None:
               help="Check the trace fits MODEL's layers and experts (its config only; no weights are loaded).")
 def show_command(file: str, as_json: bool, plot: str | None, check_model: str | None) -> None:
     """Render a saved trace FILE again, without loading the model."""
-    from moetool.trace import Trace, check_trace_matches_model
-    from moetool.trace_stats import summarize
+    from moetool.analysis.trace import Trace, check_trace_matches_model
+    from moetool.analysis.trace_stats import summarize
 
     trace = Trace.load(file)
     if check_model:
@@ -73,12 +73,12 @@ def command(model, prompts, file, max_tokens, batch_size, generate, logits, no_s
     model's own tokenizer does (special tokens included); padding never counts.
     """
     from moetool.errors import MoetoolError
-    from moetool.trace import read_texts, trace_model
-    from moetool.trace_stats import summarize
+    from moetool.analysis.trace import read_texts, trace_model
+    from moetool.analysis.trace_stats import summarize
 
     if plot and not plot.lower().endswith(".png"):
         raise MoetoolError(f"--plot {plot}: write a .png file")
-    from moetool.outdir import check_output_file
+    from moetool.checkpoint.outdir import check_output_file
 
     for flag, path in (("--out", out), ("--plot", plot)):  # writable, before the model is loaded
         if path:

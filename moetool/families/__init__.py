@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moetool.errors import MoetoolError
-from moetool.expr import evaluate
+from moetool.families.expr import evaluate
 
 ROLES = (
     "embeddings",
@@ -249,8 +249,8 @@ def family_for_config(config: dict) -> Family:
 
 
 def derived_family(config: dict) -> Family:
-    """The family derived from transformers' own model for CONFIG (cached; see moetool.derive)."""
-    from moetool.derive import derived_spec, transformers_available
+    """The family derived from transformers' own model for CONFIG (cached; see moetool.families.derive)."""
+    from moetool.families.derive import derived_spec, transformers_available
 
     if not transformers_available():
         known = ", ".join(sorted(all_families()))

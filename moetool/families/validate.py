@@ -20,7 +20,7 @@ import ast
 from typing import Any
 
 from moetool.errors import MoetoolError
-from moetool.expr import MissingField, evaluate
+from moetool.families.expr import MissingField, evaluate
 
 # canonical field -> (least value, what it is); None: may be absent. MoE-only rules apply when
 # the config has routed experts (num_experts > 0).

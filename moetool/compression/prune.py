@@ -96,8 +96,8 @@ def trace_source(path: str, trace) -> dict:
 
 def load_trace_for(path: str, rc, model: str | None = None, checkpoint=None, accept_foreign: bool = False):
     """Load the trace at PATH and check it fits RC; with CHECKPOINT (a directory), that it was
-    recorded on that model (moetool.fingerprint; ACCEPT_FOREIGN: --accept-foreign-trace)."""
-    from moetool.trace import Trace, check_trace_matches
+    recorded on that model (moetool.checkpoint.fingerprint; ACCEPT_FOREIGN: --accept-foreign-trace)."""
+    from moetool.analysis.trace import Trace, check_trace_matches
 
     trace = Trace.load(path)
     try:
@@ -105,15 +105,15 @@ def load_trace_for(path: str, rc, model: str | None = None, checkpoint=None, acc
     except MoetoolError as exc:
         raise MoetoolError(f"--trace {path}: {exc}") from None
     if checkpoint is not None:
-        from moetool.fingerprint import check_trace_of_model
+        from moetool.checkpoint.fingerprint import check_trace_of_model
 
         check_trace_of_model(trace, path, model or str(checkpoint), rc, checkpoint, accept=accept_foreign)
     return trace
 
 
 def _ExpertProbe(loaded, reap: bool, outputs: bool, sample_tokens: int = OUTPUT_SAMPLE_TOKENS):
-    """The expert probe observer (moetool.observers.ExpertProbe): REAP sums and expert output samples."""
-    from moetool.observers import ExpertProbe
+    """The expert probe observer (moetool.runtime.observers.ExpertProbe): REAP sums and expert output samples."""
+    from moetool.runtime.observers import ExpertProbe
 
     return ExpertProbe(loaded, reap=reap, outputs=outputs, sample_tokens=sample_tokens)
 
@@ -124,10 +124,10 @@ def calibrate(model: str, texts: list[str], max_tokens: int | None = None, batch
     """Load MODEL, trace TEXTS and (optionally) measure REAP scores, every expert's outputs on
     sample tokens, and the router logits, in the same forward passes. The model is freed
     before returning."""
-    from moetool.loading import load_model
-    from moetool.trace import check_trace_matches, record_trace
+    from moetool.runtime.loading import load_model
+    from moetool.analysis.trace import check_trace_matches, record_trace
 
-    from moetool.progress import status
+    from moetool.runtime.progress import status
 
     with status(f"loading {model}"):
         loaded = load_model(model, **(load_options or {}))
@@ -161,7 +161,7 @@ def gather_stats(model: str, rc, trace: str | None, file: str | None, max_tokens
                  load_options: dict | None, reap: bool = False, outputs: bool = False, logits: bool = False,
                  what: str = "statistics", checkpoint=None, accept_foreign_trace: bool = False) -> RoutingStats | None:
     """Routing statistics from --trace or --file (see the module docstring); None when neither."""
-    from moetool.trace import read_texts
+    from moetool.analysis.trace import read_texts
 
     if trace and file:
         raise MoetoolError("give --trace FILE or --file TEXT, not both")
@@ -217,7 +217,7 @@ def _top(scores: np.ndarray, n: int, candidates: np.ndarray | None = None) -> li
 def group_plan(rc, keep: int, regroup: bool) -> tuple[int, int, int] | None:
     """The (n_group, topk_group, per-group keep) to respect, or None (no groups / --regroup);
     a one-line error when KEEP cannot keep group-limited routing valid."""
-    from moetool.surgery import grouped_routing
+    from moetool.compression.surgery import grouped_routing
 
     g = grouped_routing(rc)
     if g is None or regroup:
@@ -316,7 +316,7 @@ def mass_kept(stats: RoutingStats | None, kept: dict[int, list[int]]) -> dict[in
 def expert_config_updates(ckpt, num_experts: int, groups_off: bool) -> tuple[dict, int]:
     """Config keys to write for NUM_EXPERTS experts per layer (top-k clipped to it; with
     GROUPS_OFF, n_group = topk_group = 1). Keys come from the family spec."""
-    from moetool.surgery import field_keys_to_write
+    from moetool.families.resolve import field_keys_to_write
 
     fam, rc = ckpt.family, ckpt.rc
     lm = ckpt.lm_config(ckpt.raw_config)
@@ -342,10 +342,10 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
                      force: bool = False, load_options: dict | None = None, progress: bool = True,
                      accept_foreign_trace: bool = False, heal: bool = False, heal_options=None) -> dict:
     """Prune MODEL's routed experts and write the result to OUT. Returns plain data. HEAL: then
-    heal the pruned model against MODEL on the same calibration text (moetool.heal)."""
+    heal the pruned model against MODEL on the same calibration text (moetool.compression.heal)."""
     import time
 
-    from moetool.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
+    from moetool.compression.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
 
     started = time.perf_counter()
     ckpt = Checkpoint(model)
@@ -391,7 +391,7 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
         return _card({**result, "selection": selection})
 
     if heal:
-        from moetool.heal import heal_after
+        from moetool.compression.heal import heal_after
 
         result = heal_after(lambda path: run_surgery(ckpt, plan, path, card=card, progress=progress), model, out,
                             file, max_tokens, batch_size, heal_options, force, load_options, progress)
@@ -403,7 +403,7 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
 
 
 def _card(result: dict) -> str:
-    from moetool.surgery import card_header, card_statistics
+    from moetool.compression.surgery import card_header, card_statistics
 
     sel = result["selection"]
     m = sel["method"]

@@ -49,7 +49,7 @@ class LayerReader:
     """Which on-disk tensors make each parameter of a decoder layer, and reading them."""
 
     def __init__(self, path: Path, model, rc, dtype, device):
-        from moetool.safetensors_header import read_checkpoint_headers
+        from moetool.checkpoint.safetensors_header import read_checkpoint_headers
 
         self.path = Path(path)
         self.model, self.rc, self.dtype, self.device = model, rc, dtype, device
@@ -58,7 +58,7 @@ class LayerReader:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._prefetch: dict[int, Any] = {}
-        self.quant_bits: int | None = None  # 4 / 8: quantize each layer's experts as it is read (moetool.quant)
+        self.quant_bits: int | None = None  # 4 / 8: quantize each layer's experts as it is read (moetool.runtime.quant.bnb)
         self.quant_report: dict | None = None
         self._quantized: dict[int, dict] = {}
 
@@ -235,8 +235,8 @@ class LayerReader:
             self._quantize(layer, module)
 
     def _quantize(self, layer: int, module) -> None:
-        """The layer's fused experts to 4-bit / int8 codes (moetool.quant), as --load-in-4bit does."""
-        from moetool import quant
+        """The layer's fused experts to 4-bit / int8 codes (moetool.runtime.quant.bnb), as --load-in-4bit does."""
+        from moetool.runtime.quant import bnb as quant
 
         self._quantized[layer] = {f"{m}.{w}": (tuple(getattr(mod, w).shape), getattr(mod, w).dtype)
                                   for m, mod, ws in quant.expert_modules(module) for w in ws}
@@ -253,7 +253,7 @@ class LayerReader:
         module = self.layers[layer]
         shapes = self._quantized.pop(layer, None)
         if shapes is not None:  # back to plain meta parameters, so the layer can be read again
-            from moetool import quant
+            from moetool.runtime.quant import bnb as quant
 
             for mname, mod, wnames in quant.expert_modules(module):
                 for w in wnames:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moetool.errors import MoetoolError
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parent.parent / "families" / "presets"
 
 
 @dataclass

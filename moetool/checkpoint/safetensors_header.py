@@ -84,7 +84,7 @@ def checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint: from its index if it has one, else by glob."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        from moetool.source import read_json
+        from moetool.checkpoint.source import read_json
 
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):

@@ -1,6 +1,6 @@
 """The one place moetool runs a model over text: batching, padding, devices, the no-grad /
 no-cache context, ``logits_to_keep``, progress, and the layer-by-layer (streaming) mode.
-Commands bring observers (``moetool.observers``) that record what they need.
+Commands bring observers (``moetool.runtime.observers``) that record what they need.
 
     ex = Executor(loaded, batch_size=8)                  # mode "whole" or "layerwise" (auto: the
     ex.run(sequences, [RoutingRecorder(...), ...])       # latter for a streamed model)
@@ -138,7 +138,7 @@ def pad_id_of(loaded) -> int:
 
 
 class Executor:
-    """Runs LOADED (a ``moetool.loading.LoadedModel``, or a bare transformers model) over token
+    """Runs LOADED (a ``moetool.runtime.loading.LoadedModel``, or a bare transformers model) over token
     sequences in batches; see the module docstring."""
 
     def __init__(self, loaded, batch_size: int = 8, mode: str | None = None, order: str = "length",
@@ -253,7 +253,7 @@ class Executor:
         return stack
 
     def layer_module(self, layer: int):
-        from moetool.streaming import decoder_layers
+        from moetool.runtime.streaming import decoder_layers
 
         return decoder_layers(self.model, self.loaded.rc)[1][layer] if hasattr(self.loaded, "rc") else \
             self.model.model.layers[layer]
@@ -261,7 +261,7 @@ class Executor:
     # -- the run ----------------------------------------------------------------------------------------
     def run(self, sequences: Sequence[Sequence[int]], observers: Sequence[Observer]) -> None:
         """Run every sequence through the model, telling OBSERVERS (see the module docstring)."""
-        from moetool.progress import NULL, open_progress
+        from moetool.runtime.progress import NULL, open_progress
 
         if not sequences:
             raise MoetoolError("nothing to run: no token sequences")
@@ -308,7 +308,7 @@ class Executor:
 
     # -- layerwise ------------------------------------------------------------------------------------------
     def _layers(self):
-        from moetool.streaming import decoder_layers
+        from moetool.runtime.streaming import decoder_layers
 
         if hasattr(self.loaded, "rc"):
             return decoder_layers(self.model, self.loaded.rc)[1]

@@ -40,7 +40,7 @@ def tiny_config(model_type: str, layers: int = _SCAN_LAYERS, experts: int = _SCA
     """A plain config dict for MODEL_TYPE: transformers' defaults with fewer layers and experts
     (dimensions stay as they are: on the meta device they cost nothing). Lists with one entry
     per layer are cut to the new layer count."""
-    from moetool.derive import _quiet_transformers
+    from moetool.families.derive import _quiet_transformers
 
     _quiet_transformers()
     from transformers import CONFIG_MAPPING
@@ -98,7 +98,7 @@ def _shrink(cfg: dict, layers: int, experts: int) -> dict:
 
 def scan(progress=None) -> list[dict]:
     """Every MoE family of the installed transformers: model type, whether it built, and why not."""
-    from moetool.derive import _one_line, _quiet_transformers, build_meta_model, hf_config_for, spec_from_model
+    from moetool.families.derive import _one_line, _quiet_transformers, build_meta_model, hf_config_for, spec_from_model
 
     _quiet_transformers()
     from transformers import CONFIG_MAPPING
@@ -145,7 +145,7 @@ def scan(progress=None) -> list[dict]:
 
 
 def _first_int(spec: dict, field: str, cfg: dict) -> int | None:
-    from moetool.expr import evaluate
+    from moetool.families.expr import evaluate
 
     names = {**spec.get("defaults", {}), **cfg}
     try:
@@ -156,7 +156,7 @@ def _first_int(spec: dict, field: str, cfg: dict) -> int | None:
 
 def families(use_cache: bool = True, progress=None) -> dict:
     """The `moetool families` report: every MoE family with its level."""
-    from moetool.derive import cache_dir, transformers_version, write_atomic
+    from moetool.families.derive import cache_dir, transformers_version, write_atomic
     from moetool.families import all_families
 
     version = transformers_version()

@@ -8,9 +8,9 @@ Pipeline (see docs/distill.md):
 
 1. refuse what cannot work before loading anything (a family without a dense sibling, an
    existing ``--out`` without ``--force``, unreadable text, inconsistent options);
-2. load the teacher (``moetool.loading.load_model``) and tokenize the text into ``--seq-len``
+2. load the teacher (``moetool.runtime.loading.load_model``) and tokenize the text into ``--seq-len``
    blocks;
-3. build the student from the teacher's config (``moetool.distill_init``), copy embeddings,
+3. build the student from the teacher's config (``moetool.compression.distill_init``), copy embeddings,
    attention, norms and head, and initialise the MLPs (``--init merge|topk|random``) from
    routing usage measured on the text (or a ``--trace``);
 4. train with ``accelerate``: AdamW, linear warm-up then cosine decay, gradient accumulation,
@@ -82,7 +82,7 @@ class DistillOptions:
     cache_teacher: str | None = None
     cache_topk: int = 64
     seed: int = 0
-    load_options: dict = field(default_factory=dict)  # moetool.loading.load_model keyword arguments
+    load_options: dict = field(default_factory=dict)  # moetool.runtime.loading.load_model keyword arguments
     force: bool = False
     progress: bool = True
     accept_foreign_trace: bool = False
@@ -96,7 +96,7 @@ class DistillOptions:
 
 # -- checks before anything heavy -----------------------------------------------------------------------
 def _read_text(path: str, what: str) -> str:
-    from moetool.textfile import read_utf8
+    from moetool.analysis.textfile import read_utf8
 
     text = read_utf8(path, f"{what} {path}")
     if not text.strip():
@@ -120,9 +120,9 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def check_options(model: str, opts: DistillOptions):
     """Every check that needs no model: returns (source, rc, sibling spec, texts, eval_texts)."""
-    from moetool.distill_init import INIT_METHODS, sibling_spec
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    from moetool.compression.distill_init import INIT_METHODS, sibling_spec
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     source = resolve(model)
     rc = resolve_family(source)
@@ -130,7 +130,7 @@ def check_options(model: str, opts: DistillOptions):
     if source.kind != "checkpoint" or source.path is None:
         raise MoetoolError(f"{model}: a {source.kind} has no weights to distill; give a checkpoint directory "
                            "or a cached Hub id")
-    from moetool.checks import check_weights
+    from moetool.checkpoint.checks import check_weights
 
     check_weights(model, source.path, rc, allow_pickle=bool((opts.load_options or {}).get("allow_pickle")))
     if opts.init not in INIT_METHODS:
@@ -158,7 +158,7 @@ def check_options(model: str, opts: DistillOptions):
         raise MoetoolError("--eval-every needs held-out text: give --eval-file")
     if not opts.files:
         raise MoetoolError("give the training text with --file")
-    from moetool.outdir import check_disk_space, check_output
+    from moetool.checkpoint.outdir import check_disk_space, check_output
 
     out = check_output(opts.out, [source.path], opts.force)  # exists / moetool's own / writable, before training
     check_disk_space(out.resolve().parent, _student_bytes(rc, opts, source.config))
@@ -171,7 +171,7 @@ def check_options(model: str, opts: DistillOptions):
         raise MoetoolError("the student starts from the teacher's own weights: load the teacher unquantized "
                            "(no --load-in-4bit/--load-in-8bit) to distill")
     if opts.trace:
-        from moetool.prune import load_trace_for
+        from moetool.compression.prune import load_trace_for
 
         load_trace_for(opts.trace, rc, model, source.path, opts.accept_foreign_trace)  # shapes and fingerprint
     texts = [(f, _read_text(f, "--file")) for f in opts.files]
@@ -182,8 +182,8 @@ def check_options(model: str, opts: DistillOptions):
 def _student_bytes(rc, opts: DistillOptions, config: dict) -> int:
     """About what the student's weights take on disk (for the disk-space check before training):
     the teacher's embeddings, attention, norms and head, plus one dense MLP per layer."""
-    from moetool.count import count_config
-    from moetool.distill_init import default_width
+    from moetool.analysis.count import count_config
+    from moetool.compression.distill_init import default_width
 
     roles = count_config(rc)["roles"]
     kept = sum(roles[r]["total"] for r in ("embeddings", "attention", "norms", "lm_head") if r in roles)
@@ -257,18 +257,6 @@ def kl_full(t_logits, s_logits, temperature: float):
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def topk_of(t_logits, k: int, temperature: float):
-    """The teacher's top-k log-probabilities at a temperature, their token ids, and the log
-    of the probability mass outside them (-inf when k covers the vocabulary)."""
-    import torch
-
-    lp = (t_logits.float() / temperature).log_softmax(-1)
-    k = min(k, lp.shape[-1])
-    vals, idx = lp.topk(k, dim=-1)
-    rest = lp.scatter(-1, idx, float("-inf")).logsumexp(-1)
-    return vals, idx.to(torch.int32), rest
-
-
 def kl_topk(t_vals, t_idx, t_rest, s_logits, temperature: float):
     """Per-token KL(teacher || student) on the teacher's top-k support plus one bin that lumps
     the rest of the vocabulary: a true KL between the two coarsened distributions (a lower
@@ -310,7 +298,7 @@ def lr_at(step: int, opts: DistillOptions) -> float:
 
 # -- teacher cache ------------------------------------------------------------------------------------------
 def _teacher_identity(source, dtype: str) -> dict:
-    from moetool.safetensors_header import checkpoint_files
+    from moetool.checkpoint.safetensors_header import checkpoint_files
 
     files = [(p.name, p.stat().st_size) for p in checkpoint_files(source.path)]
     return {"teacher": str(Path(source.path).resolve()), "config": source.config, "files": files, "dtype": dtype}
@@ -347,9 +335,9 @@ def build_teacher_cache(teacher, blocks, used: list[int], opts: DistillOptions, 
     if path.is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
-    from moetool.executor import Executor
-    from moetool.observers import TeacherTopK
-    from moetool.progress import NULL
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.observers import TeacherTopK
+    from moetool.runtime.progress import NULL
 
     n, S = sub.shape
     task = progress.add_task("caching teacher top-K", total=n, info="") if progress else None
@@ -402,9 +390,9 @@ def eval_topk(vocab: int, tokens: int) -> int | None:
 def _eval_reference(teacher, blocks, device, batch: int, k: int | None):
     """Per eval batch, computed once: the teacher's log-probabilities at every predicting
     position (all of them, or top-K + rest), per-block NLL, and argmax."""
-    from moetool.executor import Executor
-    from moetool.observers import TeacherTopK
-    from moetool.progress import NULL
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.observers import TeacherTopK
+    from moetool.runtime.progress import NULL
 
     ref = TeacherTopK(k, reference=True)
     Executor(teacher, batch_size=batch, order="input", full_mask=False, device=device, progress=NULL).run(
@@ -414,7 +402,7 @@ def _eval_reference(teacher, blocks, device, batch: int, k: int | None):
 
 class _StudentEval:
     """Held-out sums of the student against the teacher reference, per eval batch (an observer
-    for moetool.executor): kl, predicted positions, nll, agreement, teacher nll."""
+    for moetool.runtime.executor): kl, predicted positions, nll, agreement, teacher nll."""
 
     needs_logits = True
 
@@ -433,7 +421,7 @@ class _StudentEval:
     def batch_end(self, batch, layer, logits):
         import torch
 
-        from moetool.observers import next_token_logprobs
+        from moetool.runtime.observers import next_token_logprobs
 
         if logits is None:
             return
@@ -461,8 +449,8 @@ def _evaluate(student, blocks, valid, ref, device, batch: int, accelerator) -> d
     """Held-out metrics of STUDENT against the teacher reference, over the positions that
     predict a token of the block (as `moetool eval` counts). Every process evaluates the same
     number of blocks (FSDP needs every rank in every forward); VALID masks the padding."""
-    from moetool.executor import Executor
-    from moetool.progress import NULL
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.progress import NULL
 
     was_training = student.training
     student.eval()
@@ -518,8 +506,8 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from moetool import distill_init as di
-    from moetool.loading import load_model
+    from moetool.compression import distill_init as di
+    from moetool.runtime.loading import load_model
 
     from transformers.utils import logging as hf_logging
 
@@ -585,7 +573,7 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
                 cal_idx = torch.linspace(0, blocks.shape[0] - 1, n_cal).round().long().unique()
                 trace = None
                 if opts.trace:
-                    from moetool.trace import Trace
+                    from moetool.analysis.trace import Trace
 
                     trace = Trace.load(opts.trace)
                     usage_source = f"trace {opts.trace} ({trace.tokens} tokens)"
@@ -763,7 +751,7 @@ def _cpu_distributed() -> bool:
 
 def _teacher_params(loaded, source) -> int | None:
     try:
-        from moetool.params import count_params
+        from moetool.analysis.params import count_params
 
         return int(count_params(str(source.path))["total"])
     except Exception:  # counting is a nicety for the model card
@@ -801,7 +789,7 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict) -> Non
 
 
 def _shard_size(source) -> int:
-    from moetool.safetensors_header import checkpoint_files
+    from moetool.checkpoint.safetensors_header import checkpoint_files
 
     sizes = [p.stat().st_size for p in checkpoint_files(source.path)]
     return max(sizes) if len(sizes) > 1 else 50 * 10**9
@@ -818,7 +806,7 @@ def _write_output(accelerator, student, tokenizer, source, opts: DistillOptions,
     """Main process: write everything to a temporary directory beside --out, then move it in."""
     state_dict = accelerator.get_state_dict(student)  # every process (FSDP gathers)
     if accelerator.is_main_process:
-        from moetool.outdir import atomic_output_dir, marker
+        from moetool.checkpoint.outdir import atomic_output_dir, marker
 
         out = Path(opts.out)
         with atomic_output_dir(out, opts.force, marker("distill", source=str(source.name))) as tmp:
@@ -831,7 +819,7 @@ def _write_output(accelerator, student, tokenizer, source, opts: DistillOptions,
             gen = Path(source.path) / "generation_config.json"
             if gen.is_file():
                 shutil.copyfile(gen, tmp / "generation_config.json")
-            from moetool.render.distill import model_card, plot_curve
+            from moetool.compression.distill_card import model_card, plot_curve
 
             has_plot = plot_curve(result, tmp / "training_curve.png")
             (tmp / "README.md").write_text(model_card(result, has_plot))

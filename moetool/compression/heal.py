@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from moetool.errors import MoetoolError
-from moetool.executor import Observer
+from moetool.runtime.executor import Observer
 
 # transformers 5's fused expert parameters: [E, hidden, inter] or [E, inter, hidden]
 DOWN = "down_proj"
@@ -575,7 +575,7 @@ class HealObserver(Observer):
     needs_logits = False
 
     def __init__(self, ref_loaded, loaded, opts: HealOptions, log=None):
-        from moetool.loading import moe_blocks
+        from moetool.runtime.loading import moe_blocks
 
         self.ref_blocks = {L: blk for L, blk, _r, _e in moe_blocks(ref_loaded)}
         self.blocks = {L: (blk, router, experts) for L, blk, router, experts in moe_blocks(loaded)}
@@ -632,11 +632,11 @@ class HealObserver(Observer):
 def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOptions, batch_size: int = 8,
                 log=None, progress=None) -> list[dict]:
     """Heal LOADED (the compressed model, in place) against REF_LOADED (its original) on the
-    calibration token SEQUENCES, one decoder layer at a time (moetool.executor, layerwise mode:
+    calibration token SEQUENCES, one decoder layer at a time (moetool.runtime.executor, layerwise mode:
     every decoder layer runs over all batches with exactly the arguments the model's own forward
     passes it: attention masks by layer type, position embeddings). Both models are held in
     memory. Returns one row per MoE layer."""
-    from moetool.executor import Executor
+    from moetool.runtime.executor import Executor
 
     for m in (loaded.model, ref_loaded.model):
         _eager_experts(m)
@@ -723,8 +723,8 @@ def write_plan(ckpt, loaded) -> dict[str, _Target]:
     a layout that cannot be followed fails here, before any work."""
     import torch
 
-    from moetool.loading import moe_blocks
-    from moetool.surgery import classify
+    from moetool.runtime.loading import moe_blocks
+    from moetool.compression.surgery import classify
 
     mods = {L: {"router": r, "experts": e} for L, _b, r, e in moe_blocks(loaded)}
     plan: dict[str, _Target] = {}
@@ -779,14 +779,14 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
     """Write the healed checkpoint to OUT: the tensors of PLAN in HEALED_LAYERS whose values
     changed, from the loaded model; every other tensor copied byte for byte from CKPT; same shard
     files, index, config and side files; README.md = CARD; moetool.json = PROVENANCE (a
-    moetool.outdir marker). Atomic."""
+    moetool.checkpoint.outdir marker). Atomic."""
     import json
 
     import torch
 
-    from moetool.loading import moe_blocks
-    from moetool.outdir import atomic_output_dir, check_disk_space
-    from moetool.surgery import (INDEX_NAME, OutTensor, _copy_side_files, _copy_tensor, torch_dtype, write_safetensors,
+    from moetool.runtime.loading import moe_blocks
+    from moetool.checkpoint.outdir import atomic_output_dir, check_disk_space
+    from moetool.compression.surgery import (INDEX_NAME, OutTensor, _copy_side_files, _copy_tensor, torch_dtype, write_safetensors,
                                  write_tensor_bytes)
 
     mods = {L: {"router": r, "experts": e} for L, _b, r, e in moe_blocks(loaded)}
@@ -837,9 +837,9 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
 def check_ref(compressed, ref) -> dict:
     """Refuse a REF that is not what COMPRESSED (a moetool output) was made from: its recorded
     source or origin fingerprint must be REF's. Returns the compressed model's provenance."""
-    from moetool.fingerprint import model_fingerprint
-    from moetool.outdir import MARKER
-    from moetool.surgery import read_provenance
+    from moetool.checkpoint.fingerprint import model_fingerprint
+    from moetool.checkpoint.outdir import MARKER
+    from moetool.compression.surgery import read_provenance
 
     prov = read_provenance(compressed.path)
     if prov is None:
@@ -864,11 +864,11 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
     from) on the calibration text FILE and write the result to OUT. Returns plain data.
     DISPLAY_NAME: what the card and provenance call COMPRESSED (`prune --heal`: a temporary
     directory that will not exist)."""
-    from moetool.loading import load_model
-    from moetool.prune import file_digest
-    from moetool.outdir import check_output
-    from moetool.surgery import Checkpoint
-    from moetool.trace import read_texts
+    from moetool.runtime.loading import load_model
+    from moetool.compression.prune import file_digest
+    from moetool.checkpoint.outdir import check_output
+    from moetool.compression.surgery import Checkpoint
+    from moetool.analysis.trace import read_texts
 
     started = time.perf_counter()
     opts = options or HealOptions()
@@ -903,8 +903,8 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         calibration = {"file": str(file), "sha256": file_digest(file), "tokens": tokens, "texts": len(seqs)}
         if max_tokens is not None:
             calibration["max_tokens"] = int(max_tokens)
-        from moetool.fingerprint import model_fingerprint
-        from moetool.outdir import marker
+        from moetool.checkpoint.fingerprint import model_fingerprint
+        from moetool.checkpoint.outdir import marker
 
         provenance = marker("heal", source=display_name or compressed, family=rc.family.name,
                             lineage=prov["lineage"], experts=prov.get("experts"), healed={

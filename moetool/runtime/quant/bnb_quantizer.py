@@ -5,11 +5,11 @@ transformers through its public ``register_quantization_config`` / ``register_qu
 quantizers registered here ("moetool_bnb_4bit", "moetool_bnb_8bit"); they subclass transformers'
 bitsandbytes quantizers and override two of the ``HfQuantizer`` methods transformers' loader calls
 for each checkpoint tensor: ``param_needs_quantization`` (also say yes to a fused expert weight)
-and ``get_quantize_ops`` (an op that quantizes expert weights with moetool.quant and hands every
+and ``get_quantize_ops`` (an op that quantizes expert weights with moetool.runtime.quant.bnb and hands every
 other tensor to bitsandbytes' own op). Nothing of transformers is patched. What to do with an
-expert weight is the load's ``claim`` (``moetool.quant._ExpertClaim``), carried by the config.
+expert weight is the load's ``claim`` (``moetool.runtime.quant.bnb._ExpertClaim``), carried by the config.
 
-Importing this module imports transformers (about 2 s): only moetool.quant's loaders do, and
+Importing this module imports transformers (about 2 s): only moetool.runtime.quant.bnb's loaders do, and
 only when they load.
 """
 

@@ -23,7 +23,7 @@ tensor name. Each MoE layer's MLP becomes one dense SwiGLU MLP of ``width`` neur
      one of the most used experts); each group is one expert-wide MLP whose gate/up/down
      weights are the usage-weighted average of its members after each member's hidden neurons
      are permuted to line up with the group's most used expert (greedy maximum cosine
-     similarity of [gate row, up row, down column], ``moetool.merge.greedy_match``: experts
+     similarity of [gate row, up row, down column], ``moetool.compression.merge.greedy_match``: experts
      trained apart number their neurons arbitrarily, and averaging unaligned neurons mostly
      cancels them), its down columns scaled by the group's share of the routed weight per
      token (sum over members of frequency x mean weight), so all groups add up to the
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moetool.errors import MoetoolError
-from moetool.expr import evaluate
+from moetool.families.expr import evaluate
 
 INIT_METHODS = ("merge", "topk", "random")
 # transformers 5 keeps a MoE layer's experts fused in memory: gate_up_proj [E, 2I, H] (gate rows
@@ -137,7 +137,7 @@ class LayerUsage:
 
 def usage_from_trace(trace, rc) -> dict[int, LayerUsage]:
     """Selection frequency and mean weight of every expert of every MoE layer of TRACE."""
-    from moetool.trace import check_trace_matches
+    from moetool.analysis.trace import check_trace_matches
 
     check_trace_matches(trace, rc)
     if trace.tokens == 0:
@@ -168,10 +168,10 @@ def _shared_gate_module(loaded, block):
 def calibrate(loaded, sequences: list[list[int]], batch_size: int = 8, trace=None) -> dict[int, LayerUsage]:
     """Routing usage of LOADED on token SEQUENCES (moetool's tracer), or from TRACE if given.
     The mean of a sigmoid shared-expert gate (Qwen2-MoE) is always measured on SEQUENCES."""
-    from moetool.executor import Executor
-    from moetool.loading import moe_blocks
-    from moetool.observers import SharedGateMeans
-    from moetool.trace import record_token_ids
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.loading import moe_blocks
+    from moetool.runtime.observers import SharedGateMeans
+    from moetool.analysis.trace import record_token_ids
 
     gates = {}
     for L, block, _router, _experts in moe_blocks(loaded):
@@ -252,7 +252,7 @@ def _routed_neurons(gu, down, usage: LayerUsage, room: int, method: str):
         note = "experts " + ", ".join(f"{e}" + ("" if n == inter else f" ({n} of {inter} neurons)") for e, n in chosen)
         return pieces, note
     if method == "merge":
-        from moetool.merge import greedy_match
+        from moetool.compression.merge import greedy_match
 
         groups_n = min(math.ceil(room / inter), E)
         groups = [order[g::groups_n] for g in range(groups_n)]
@@ -311,7 +311,7 @@ def init_student(loaded, student, usage: dict[int, LayerUsage] | None, method: s
     Returns one row per layer describing where its MLP came from."""
     import torch
 
-    from moetool.loading import moe_blocks
+    from moetool.runtime.loading import moe_blocks
 
     if method not in INIT_METHODS:
         raise MoetoolError(f"unknown --init '{method}' (choose from {', '.join(INIT_METHODS)})")

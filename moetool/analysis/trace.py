@@ -121,7 +121,7 @@ class Trace:
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise MoetoolError(f"{path}: directory {path.parent} does not exist")
-        from moetool.outdir import file_mode, tmp_file_beside
+        from moetool.checkpoint.outdir import file_mode, tmp_file_beside
 
         tmp = tmp_file_beside(path)
         try:
@@ -243,9 +243,9 @@ def check_trace_matches(trace: Trace, rc) -> None:
 
 def check_trace_matches_model(trace: Trace, model: str, trace_path: str = "the trace") -> None:
     """``check_trace_matches`` against MODEL's config (preset, config.json, checkpoint dir),
-    and for a checkpoint, that the trace was recorded on it (moetool.fingerprint)."""
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    and for a checkpoint, that the trace was recorded on it (moetool.checkpoint.fingerprint)."""
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     source = resolve(model)
     rc = resolve_family(source)
@@ -253,7 +253,7 @@ def check_trace_matches_model(trace: Trace, model: str, trace_path: str = "the t
         check_trace_matches(trace, rc)
     except MoetoolError as exc:
         raise MoetoolError(f"{model}: {exc}") from None
-    from moetool.fingerprint import check_trace_of_model
+    from moetool.checkpoint.fingerprint import check_trace_of_model
 
     check_trace_of_model(trace, trace_path, model, rc, source.path if source.kind == "checkpoint" else None)
 
@@ -274,7 +274,7 @@ def read_texts(prompts: Sequence[str] = (), file: str | None = None) -> list[str
             raise MoetoolError("empty prompt: give some text to trace")
         texts.append(p)
     if file is not None:
-        from moetool.textfile import read_utf8
+        from moetool.analysis.textfile import read_utf8
 
         path = Path(file)
         content = read_utf8(path, str(file))
@@ -300,10 +300,10 @@ def read_texts(prompts: Sequence[str] = (), file: str | None = None) -> list[str
 
 
 # -- recording --------------------------------------------------------------------------------------------
-# The forward passes and hooks live in moetool.executor / moetool.observers (RoutingRecorder);
+# The forward passes and hooks live in moetool.runtime.executor / moetool.runtime.observers (RoutingRecorder);
 # this module turns what they recorded into a Trace.
 def _pad_id(loaded) -> int:
-    from moetool.executor import pad_id_of
+    from moetool.runtime.executor import pad_id_of
 
     return pad_id_of(loaded)
 
@@ -314,7 +314,7 @@ def record_trace(loaded, texts: Sequence[str], max_tokens: int | None = None, ba
     """Run LOADED on TEXTS (tokenized as its own tokenizer does, special tokens included) and
     record every MoE layer's routing. ``generate`` > 0 also greedily generates that many tokens
     per text and records their decode steps (``decode`` = 1). OBSERVERS ride along on the same
-    forward passes (moetool.observers)."""
+    forward passes (moetool.runtime.observers)."""
     texts = list(texts)
     if not texts:
         raise MoetoolError("nothing to trace: give at least one text")
@@ -348,8 +348,8 @@ def record_token_ids(loaded, token_ids: Sequence[Sequence[int]], texts: Sequence
                      generate: int = 0, options: dict | None = None, observers: Sequence = (),
                      executor_options: dict | None = None) -> Trace:
     """Like ``record_trace`` from token ids (one list per sequence)."""
-    from moetool.executor import Executor, Hooks
-    from moetool.observers import RoutingRecorder
+    from moetool.runtime.executor import Executor, Hooks
+    from moetool.runtime.observers import RoutingRecorder
 
     if batch_size < 1:
         raise MoetoolError("--batch-size must be at least 1")
@@ -404,7 +404,7 @@ def record_token_ids(loaded, token_ids: Sequence[Sequence[int]], texts: Sequence
 def _generate(ex, recorder, observers, seqs, generate: int, budget: int, Hooks) -> None:
     """Prompt forwards with a KV cache, then greedy decoding of each batch: the decode loop on
     top of the executor's forward (whole model; left padding)."""
-    from moetool.progress import open_progress
+    from moetool.runtime.progress import open_progress
 
     batches = ex.make_batches(seqs)
     ex.batches = batches
@@ -519,8 +519,8 @@ def _trace_meta(loaded, texts, tokens: np.ndarray, options: dict, recomputed: bo
         "options": {**options, "max_tokens": max_tokens},
         "created_by": f"moetool {__version__}",
     }
-    if loaded.source.path is not None:  # which model this is (moetool.fingerprint); none for an in-memory model
-        from moetool.fingerprint import META_KEY, model_fingerprint
+    if loaded.source.path is not None:  # which model this is (moetool.checkpoint.fingerprint); none for an in-memory model
+        from moetool.checkpoint.fingerprint import META_KEY, model_fingerprint
 
         meta[META_KEY] = model_fingerprint(rc, loaded.source.path)
     if meta["texts"] != list(texts):
@@ -551,15 +551,15 @@ def _texts_for_metadata(texts) -> list[str]:
 def trace_model(model: str, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = 8,
                 logits: bool = False, generate: int = 0, add_special_tokens: bool = True,
                 load_options: dict | None = None) -> tuple[Trace, Any]:
-    """Load MODEL with LOAD_OPTIONS (see moetool.loading.load_model) and record a trace.
+    """Load MODEL with LOAD_OPTIONS (see moetool.runtime.loading.load_model) and record a trace.
     Returns (trace, loaded)."""
-    from moetool.loading import load_model
+    from moetool.runtime.loading import load_model
 
     texts = list(texts)
     for t in texts:  # fail on bad input before paying for the load
         if not t or not t.strip():
             raise MoetoolError("empty prompt: give some text to trace")
-    from moetool.progress import status
+    from moetool.runtime.progress import status
 
     with status(f"loading {model}"):
         loaded = load_model(model, **(load_options or {}))

@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from moetool.checks import check_complete, pickled_files
+from moetool.checkpoint.checks import check_complete, pickled_files
 from moetool.errors import MoetoolError
-from moetool.outdir import MARKER, atomic_output_dir, check_disk_space, check_output, fsync_dir, marker
-from moetool.safetensors_header import DTYPE_BYTES, HeaderEntry, checkpoint_files, read_header
+from moetool.families.resolve import config_keys, field_keys_to_write
+from moetool.checkpoint.outdir import MARKER, atomic_output_dir, check_disk_space, check_output, fsync_dir, marker
+from moetool.checkpoint.safetensors_header import DTYPE_BYTES, HeaderEntry, checkpoint_files, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
@@ -102,8 +103,8 @@ class Checkpoint:
     """A local safetensors checkpoint: config, family, and where every tensor's bytes are."""
 
     def __init__(self, model: str):
-        from moetool.params import resolve_family
-        from moetool.source import read_json, resolve
+        from moetool.families.resolve import resolve_family
+        from moetool.checkpoint.source import read_json, resolve
 
         source = resolve(model)
         if source.kind != "checkpoint" or source.path is None:
@@ -286,38 +287,6 @@ def _layer_of(name: str) -> int | None:
 
 
 # -- config -------------------------------------------------------------------------------------------------
-_IDENT = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:or\s+[\w'\"]+\s*)?$")
-
-
-def config_keys(family, field_name: str) -> list[str]:
-    """The config keys that hold FIELD (e.g. num_experts): the key the family's ``fields``
-    expression reads, then the keys its ``defaults`` fall back to (``n_routed_experts`` ->
-    ``num_local_experts``). A field computed by an expression has no key: []."""
-    explicit = family.spec.get("config_keys", {}).get(field_name)
-    if explicit:
-        return list(explicit)
-    expr = family.spec["fields"].get(field_name)
-    if not isinstance(expr, str):
-        return []
-    m = _IDENT.match(expr)
-    if not m:
-        return []
-    keys = [m.group(1)]
-    defaults = family.spec.get("defaults", {})
-    while isinstance(defaults.get(keys[-1]), str) and _IDENT.match(defaults[keys[-1]]) \
-            and not defaults[keys[-1]].startswith("'") and _IDENT.match(defaults[keys[-1]]).group(1) not in keys:
-        keys.append(_IDENT.match(defaults[keys[-1]]).group(1))
-    return keys
-
-
-def field_keys_to_write(config: dict, family, field_name: str) -> list[str]:
-    """The keys of CONFIG that hold FIELD (the family's first key for it when none does)."""
-    keys = config_keys(family, field_name)
-    if not keys:
-        raise MoetoolError(f"the {family.name} family spec names no config key for {field_name}")
-    return [k for k in keys if k in config] or keys[:1]
-
-
 def set_config_field(config: dict, family, field_name: str, value) -> list[str]:
     """Set FIELD to VALUE under every key that holds it in CONFIG (the first key when none
     does); returns the keys written."""
@@ -333,7 +302,7 @@ def grouped_routing(rc) -> tuple[int, int, int] | None:
     spec = rc.family.spec.get("grouped_routing")
     if not spec:
         return None
-    from moetool.expr import evaluate
+    from moetool.families.expr import evaluate
 
     if not evaluate(spec.get("when", "n_group > 1"), rc.names):
         return None
@@ -441,7 +410,7 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict | Non
     return size
 
 
-# -- atomic output directory: moetool.outdir (shared with distill) -----------------------------------------------
+# -- atomic output directory: moetool.checkpoint.outdir (shared with distill) -----------------------------------------------
 _fsync_dir = fsync_dir
 
 
@@ -764,7 +733,7 @@ def _fsync_tree(d: Path) -> None:
 def _verify_names(ckpt: Checkpoint, new_config: dict, weight_map: dict, tmp: Path) -> str:
     """Compare the output's tensor names with what the family spec expects of the new config
     (when the input matched its own spec exactly): a wrong rename fails here, not at load."""
-    from moetool.source import unwrap_text_config
+    from moetool.checkpoint.source import unwrap_text_config
 
     expected_in = {t.name for t in ckpt.family.tensors(ckpt.rc, include_mtp=True)}
     actual_in = set(ckpt.entries)
@@ -784,10 +753,10 @@ def _verify_names(ckpt: Checkpoint, new_config: dict, weight_map: dict, tmp: Pat
 # -- provenance ------------------------------------------------------------------------------------------------
 def lineage(ckpt: Checkpoint) -> dict:
     """What moetool.json records about where an output of CKPT comes from: ``source`` = CKPT (name
-    and model fingerprint, moetool.fingerprint: routing config and router bytes) and ``origin`` =
+    and model fingerprint, moetool.checkpoint.fingerprint: routing config and router bytes) and ``origin`` =
     the uncompressed model at the start of the chain (CKPT's own origin when CKPT is itself a
     moetool output, else CKPT). `moetool heal` checks its --ref against these."""
-    from moetool.fingerprint import model_fingerprint
+    from moetool.checkpoint.fingerprint import model_fingerprint
 
     src = {"name": ckpt.name, "fingerprint": model_fingerprint(ckpt.rc, ckpt.path)}
     before = read_provenance(ckpt.path)

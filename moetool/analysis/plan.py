@@ -5,7 +5,7 @@ what every token needs (embeddings, attention, norms, routers, shared experts, d
 head, and the KV cache for ``context`` x ``batch`` tokens) goes onto the GPUs first, then routed
 experts until the GPUs are full, the rest into CPU RAM (up to ``cpu_memory``), the rest on disk.
 With a trace the experts that the measured routing uses most get the GPU slots; without one
-they go in layer order. Sizes per precision come from :func:`moetool.count.weight_memory`, the
+they go in layer order. Sizes per precision come from :func:`moetool.analysis.count.weight_memory`, the
 same figures as ``moetool params`` (bf16, fp8 with block scales, 4-bit NF4 with absmax), so the
 bytes placed always add up to the ``params`` memory figure.
 
@@ -21,7 +21,7 @@ module (``model.layers.N.mlp.experts`` with ``gate_up_proj`` [E, 2I, H] and ``do
   offloaded. accelerate runs an offloaded module on the first GPU and copies ALL its weights
   there for every forward pass, so GPU 0 keeps room for the largest offloaded module.
 
-Expert parallelism, capacity factors and held-out validation are in :mod:`moetool.plan_ep`.
+Expert parallelism, capacity factors and held-out validation are in :mod:`moetool.analysis.plan_ep`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from moetool.count import weight_memory
+from moetool.analysis.count import weight_memory
 from moetool.errors import MoetoolError
 
 PRECISIONS = ("bf16", "fp8", "int4")
@@ -115,7 +115,7 @@ class Routing:
     eval_counts: dict[int, np.ndarray]
     eval_tokens: int
     split: dict = field(default_factory=dict)
-    seq_counts: Any = None  # moetool.plan_ep.sequence_counts of the trace, when computed
+    seq_counts: Any = None  # moetool.analysis.plan_ep.sequence_counts of the trace, when computed
 
 
 def split_tokens(trace, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -144,7 +144,7 @@ def split_tokens(trace, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def routing_from_trace(trace, holdout: float, seed: int = 0) -> Routing:
-    from moetool.plan_ep import sequence_counts
+    from moetool.analysis.plan_ep import sequence_counts
 
     fit_mask, held_mask, info = split_tokens(trace, holdout, seed)
     same = info["by"].startswith("none")
@@ -415,7 +415,7 @@ def _expert_reads(layout: Layout, routing: Routing, prec: str, hw: Hardware, gri
 
 
 def _why(layout: Layout, prec: str, hw: Hardware, out: dict, offloaded_units, what: str) -> str:
-    from moetool.render import human_bytes as hb
+    from moetool.units import human_bytes as hb
 
     where = f"{hw.gpus} x {hb(hw.gpu_memory)} GPU" + ("s" if hw.gpus > 1 else "") if hw.gpus else "CPU RAM"
     cap = (hw.gpu_memory - hw.reserve) * hw.gpus if hw.gpus else hw.cpu_memory
@@ -516,7 +516,7 @@ def write_json(path: str | os.PathLike, data) -> None:
     path = Path(path)
     if not path.parent.exists():
         raise MoetoolError(f"{path}: directory {path.parent} does not exist")
-    from moetool.outdir import tmp_file_beside
+    from moetool.checkpoint.outdir import tmp_file_beside
 
     tmp = tmp_file_beside(path)
     try:
@@ -531,7 +531,7 @@ def write_json(path: str | os.PathLike, data) -> None:
 def plan_ep(routing: Routing, layout: Layout, prec: str, devices: int, nodes: int, redundant: int,
             dispatch_dtype: str = "bf16") -> tuple[dict, dict]:
     """Simulate the three EP strategies; returns (report, placements)."""
-    from moetool import plan_ep as ep
+    from moetool.analysis import plan_ep as ep
 
     rc = layout.rc
     E = routing.num_experts
@@ -627,11 +627,12 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
          ep: int | None = None, nodes: int = 1, redundant: int = 0, dispatch_dtype: str = "bf16",
          capacity_factors=(), device_map_out=None, ep_map_out=None, accept_foreign_trace: bool = False) -> Plan:
     """Plan MODEL (preset, config.json, checkpoint dir, cached Hub id) on the given hardware.
-    TRACE is a path or a moetool.trace.Trace."""
-    from moetool.count import kv_cache_per_token
-    from moetool.loading import parse_size
-    from moetool.params import count_params, resolve_family
-    from moetool.source import resolve
+    TRACE is a path or a moetool.analysis.trace.Trace."""
+    from moetool.analysis.count import kv_cache_per_token
+    from moetool.units import parse_size
+    from moetool.analysis.params import count_params
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     if precision not in PRECISIONS:
         raise MoetoolError(f"--precision: choose from {', '.join(PRECISIONS)}")
@@ -659,20 +660,20 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
 
     if not 0 <= holdout < 1:
         raise MoetoolError(f"--holdout {holdout}: give a share between 0 and 1 (e.g. 0.2)")
-    from moetool.plan_ep import check_ep, parse_factor
+    from moetool.analysis.plan_ep import check_ep, parse_factor
 
     for c in capacity_factors:
         parse_factor(c)
     source = resolve(model)
     rc = resolve_family(source)
-    from moetool.checks import check_if_checkpoint
+    from moetool.checkpoint.checks import check_if_checkpoint
 
     check_if_checkpoint(model, source, rc)
     if ep is not None:
         check_ep(int(rc.num_experts), ep, nodes, redundant)
     tr = None
     if trace is not None:
-        from moetool.trace import Trace, check_trace_matches
+        from moetool.analysis.trace import Trace, check_trace_matches
 
         tr = trace if isinstance(trace, Trace) else Trace.load(trace)
         try:
@@ -680,7 +681,7 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
         except MoetoolError as exc:
             raise MoetoolError(f"{model}: {exc}") from None
         if not isinstance(trace, Trace):
-            from moetool.fingerprint import check_trace_of_model
+            from moetool.checkpoint.fingerprint import check_trace_of_model
 
             check_trace_of_model(tr, trace, model, rc, source.path if source.kind == "checkpoint" else None,
                                  accept=accept_foreign_trace)
@@ -735,7 +736,7 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
         report["precisions"][precision]["device_map"]["entries"] = len(dmap)
 
     if tr is not None and capacity_factors:
-        from moetool.plan_ep import capacity_drops
+        from moetool.analysis.plan_ep import capacity_drops
 
         report["dropped_fraction"] = capacity_drops(tr.experts, tr.sequence, tr.num_experts, tr.top_k,
                                                     list(capacity_factors), seq_counts=routing.seq_counts)

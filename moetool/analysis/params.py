@@ -11,12 +11,11 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from moetool.count import count_config, summarize
-from moetool.errors import MoetoolError
-from moetool.expr import MissingField
-from moetool.families import ResolvedConfig, family_for_config
-from moetool.safetensors_header import HeaderEntry, checkpoint_files, read_checkpoint_headers
-from moetool.source import ModelSource, resolve
+from moetool.analysis.count import count_config, summarize
+from moetool.families import ResolvedConfig
+from moetool.families.resolve import resolve_family
+from moetool.checkpoint.safetensors_header import HeaderEntry, checkpoint_files, read_checkpoint_headers
+from moetool.checkpoint.source import ModelSource, resolve
 
 # Tensors that are not parameters but quantization metadata, by name suffix:
 # fp8 block scales (DeepSeek), compressed-tensors scales, MXFP4 scales (gpt-oss),
@@ -27,29 +26,6 @@ SCALE_SUFFIXES = (
     ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4",
 )
 _LAYER_RX = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def resolve_family(source: ModelSource) -> ResolvedConfig:
-    fam = family_for_config(source.config)
-    try:
-        rc = fam.resolve(source.config)
-        if not rc.num_experts:
-            raise MoetoolError(f"{source.name}: a dense model (no routed experts), not a mixture of experts")
-        top_k = rc.top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            keys = ", ".join(_config_keys(fam, "top_k")) or "top_k"
-            raise MoetoolError(f"{source.name}: the config gives no number of experts per token "
-                               f"({keys} is {top_k!r}); set it to the model's top-k")
-        rc.moe_layers  # evaluate once, so config problems surface here
-    except MissingField as exc:
-        raise MoetoolError(f"{source.name}: {exc} (needed by the {fam.name} family)") from None
-    return rc
-
-
-def _config_keys(fam, field_name: str) -> list[str]:
-    from moetool.surgery import config_keys
-
-    return config_keys(fam, field_name)
 
 
 def count_params(model: str, per_layer: bool = False, context: int = 4096) -> dict:
@@ -149,7 +125,7 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
 
 
 def list_presets() -> list[dict]:
-    from moetool.source import presets
+    from moetool.checkpoint.source import presets
 
     rows = []
     for name, preset in presets().items():

@@ -100,7 +100,7 @@ def clean_stale(parent: Path, name: str) -> list[str]:
             with contextlib.suppress(OSError):
                 p.unlink()
         if not p.exists():
-            from moetool.render import human_bytes
+            from moetool.units import human_bytes
 
             warn(f"removed {p} ({human_bytes(size)}), left by an interrupted run")
             removed.append(p.name)
@@ -223,7 +223,7 @@ def check_disk_space(where: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     margin = 16 * 2**20
     if free < needed + margin:
-        from moetool.render import human_bytes
+        from moetool.units import human_bytes
 
         raise MoetoolError(f"not enough disk space in {where}: the output needs {human_bytes(needed)}, "
                            f"{human_bytes(free)} free")

@@ -29,17 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from moetool.errors import MoetoolError, first_line
+from moetool.units import parse_size
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-_SIZE_RX = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
-}
-
 
 @dataclass
 class LoadedModel:
@@ -47,7 +40,7 @@ class LoadedModel:
 
     model: Any  # a transformers PreTrainedModel (CausalLM)
     tokenizer: Any  # a transformers tokenizer, or None for an in-memory model without one
-    source: Any  # moetool.source.ModelSource
+    source: Any  # moetool.checkpoint.source.ModelSource
     rc: Any  # moetool.families.ResolvedConfig
     family: Any  # moetool.families.Family
     quantization: str = "none"  # "none" | "bnb-nf4" | "bnb-int8" | what the 4-bit helper reports
@@ -57,7 +50,7 @@ class LoadedModel:
     device_map: dict = field(default_factory=dict)  # module -> device actually used
     offload_folder: str | None = None
     quant_report: dict | None = None  # what the 4-bit helper returned, if it ran
-    layer_reader: Any = None  # moetool.streaming.LayerReader when the model is streamed layer by layer
+    layer_reader: Any = None  # moetool.runtime.streaming.LayerReader when the model is streamed layer by layer
     run_options: dict = field(default_factory=dict)  # executor defaults: run_dir, resume, activation budget
 
     @property
@@ -101,17 +94,6 @@ class LoadedModel:
 
 
 # -- option parsing ------------------------------------------------------------------------------
-def parse_size(text: str | int, what: str = "size") -> int:
-    """'20GiB', '512MB', '300KB', '1e9'-free plain integers -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RX.match(str(text))
-    if not m:
-        raise MoetoolError(f"{what}: cannot read '{text}' as a size (e.g. 20GiB, 512MB, 300000)")
-    number, unit = m.group(1), (m.group(2) or "").lower()
-    return int(float(number) * _UNITS[unit])
-
-
 def parse_max_memory(spec: str | dict | None) -> dict | None:
     """'0=20GiB,cpu=64GiB' -> {0: 21474836480, 'cpu': 68719476736} (GPU indices as ints)."""
     if spec is None or spec == "":
@@ -242,17 +224,17 @@ def load_model(
 ) -> LoadedModel:
     """Load MODEL (checkpoint directory or cached Hub id) with its tokenizer, offline.
 
-    Before anything heavy, ``moetool.checks.check_weights`` reads the safetensors headers: an
+    Before anything heavy, ``moetool.checkpoint.checks.check_weights`` reads the safetensors headers: an
     incomplete or damaged checkpoint is a one-line error, and pickled weights are refused
     unless ALLOW_PICKLE (then read with torch's ``weights_only``). A load that transformers
     reports with missing, unexpected or mismatched keys is an error, never a random init.
 
     STREAM: True = keep only the skeleton and read each decoder layer's weights when the
-    executor runs it (moetool.streaming); None = do so when the weights do not fit in the
+    executor runs it (moetool.runtime.streaming); None = do so when the weights do not fit in the
     memory available (and no --max-memory / --device-map was given: those mean accelerate's
     placement). RUN_DIR / RESUME: where a layer-by-layer run checkpoints, and continuing it."""
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     source = resolve(model)
     if source.name != model:  # a cached Hub id resolves through its snapshot directory: keep the id
@@ -264,7 +246,7 @@ def load_model(
         )
     if load_in_4bit and load_in_8bit:
         raise MoetoolError("choose one of --load-in-4bit and --load-in-8bit")
-    from moetool.checks import check_weights
+    from moetool.checkpoint.checks import check_weights
 
     check_weights(model, source.path, rc, allow_pickle=allow_pickle)
     if (load_in_4bit or load_in_8bit) and not _has_module("bitsandbytes"):
@@ -365,7 +347,7 @@ def load_model(
 def check_loading_info(model: str, info: dict) -> None:
     """transformers initialises weights it did not find at random and only logs it: here a
     missing, unexpected or misshapen key is a one-line error."""
-    from moetool.checks import SHOWN
+    from moetool.checkpoint.checks import SHOWN
 
     for key, what in (("missing_keys", "missing from the checkpoint (transformers would initialise them at random)"),
                       ("mismatched_keys", "of the wrong shape"),
@@ -383,7 +365,7 @@ def check_loading_info(model: str, info: dict) -> None:
 def _weights_exceed_memory(source) -> bool:
     """Whether the checkpoint's weights need more than the memory this machine has free
     (MemAvailable, plus free GPU memory), with a quarter kept for activations and the rest."""
-    from moetool.safetensors_header import checkpoint_files
+    from moetool.checkpoint.safetensors_header import checkpoint_files
 
     try:
         weights = sum(p.stat().st_size for p in checkpoint_files(source.path))
@@ -414,12 +396,12 @@ def _available_memory() -> int | None:
 
 def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote_code: bool, run: dict,
                    bits: int | None = None) -> LoadedModel:
-    """The skeleton of MODEL with a LayerReader (moetool.streaming), and its tokenizer. BITS:
-    each layer's fused experts quantized to 4-bit / int8 as it is read (moetool.quant); the
+    """The skeleton of MODEL with a LayerReader (moetool.runtime.streaming), and its tokenizer. BITS:
+    each layer's fused experts quantized to 4-bit / int8 as it is read (moetool.runtime.quant.bnb); the
     rest of the layer stays in the model's dtype."""
     from transformers import AutoTokenizer
 
-    from moetool.streaming import load_streamed
+    from moetool.runtime.streaming import load_streamed
 
     restore = _quiet_transformers()
     try:
@@ -440,7 +422,7 @@ def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote
                          layer_reader=reader, run_options=run)
     _fill_load_info(loaded)
     if bits:
-        from moetool import quant
+        from moetool.runtime.quant import bnb as quant
 
         if bits == 4:
             quant.require_backend(reader.device)
@@ -532,21 +514,21 @@ def _has_module(name: str) -> bool:
 
 
 def _quant_loader(bits: int):
-    """``moetool.quant.load_in_4bit`` / ``load_in_8bit`` if this installation has them."""
+    """``moetool.runtime.quant.bnb.load_in_4bit`` / ``load_in_8bit`` if this installation has them."""
     try:
-        from moetool import quant
+        from moetool.runtime.quant import bnb as quant
     except ImportError:
         return None
     return getattr(quant, f"load_in_{bits}bit", None)
 
 
 def _load_with_quant_helper(path: str, bits: int, torch_dtype, kwargs: dict):
-    """4-/8-bit loading is the quantization helper's (moetool.quant): it quantizes the fused
+    """4-/8-bit loading is the quantization helper's (moetool.runtime.quant.bnb): it quantizes the fused
     3-D expert tensors too, which transformers' bitsandbytes integration leaves in full
     precision. Returns (model, quantization label, the helper's report)."""
     loader = _quant_loader(bits)
     if loader is None:
-        raise MoetoolError(f"--load-in-{bits}bit needs moetool.quant ({bits}-bit expert quantization), "
+        raise MoetoolError(f"--load-in-{bits}bit needs moetool.runtime.quant.bnb ({bits}-bit expert quantization), "
                            "which this installation does not have")
     extra = {k: v for k, v in kwargs.items() if k not in ("dtype", "device_map")}
     result = loader(path, dtype=torch_dtype, device_map=kwargs.get("device_map"), **extra)
@@ -611,7 +593,7 @@ def _fill_load_info(loaded: LoadedModel) -> None:
     experts_bytes = None
     if loaded.quantization != "none":  # the quantization helper knows its packed expert weights
         try:
-            from moetool import quant
+            from moetool.runtime.quant import bnb as quant
         except ImportError:
             quant = None
         fn = getattr(quant, "expert_weight_bytes", None)
@@ -636,8 +618,8 @@ def _fill_load_info(loaded: LoadedModel) -> None:
 def loaded_from_model(model, tokenizer=None, name: str = "in-memory", quantization: str = "none") -> LoadedModel:
     """Wrap a transformers model already in memory (tests, benchmarks, other commands' pipelines)."""
     from moetool.families import family_for_config
-    from moetool.params import resolve_family
-    from moetool.source import ModelSource
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import ModelSource
 
     config = model.config.to_dict()
     source = ModelSource(name, "checkpoint", config, None)

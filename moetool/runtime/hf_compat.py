@@ -40,12 +40,12 @@ def default_skip_modules(model) -> list[str]:
 
 
 # -- transformers: the bitsandbytes quantizers ------------------------------------------------------------
-# moetool/bnb_quantizer.py subclasses transformers' Bnb4BitHfQuantizer / Bnb8BitHfQuantizer
+# moetool/runtime/quant/bnb_quantizer.py subclasses transformers' Bnb4BitHfQuantizer / Bnb8BitHfQuantizer
 # (transformers.quantizers.quantizer_bnb_4bit / _8bit) and registers them with the public
 # register_quantization_config / register_quantizer; it overrides param_needs_quantization and
 # get_quantize_ops, and its op follows the loader's ConversionOps call convention
 # (convert(input_dict, model=..., missing_keys=...)). Where that module cannot be imported,
-# moetool.quant loads with a plain BitsAndBytesConfig and quantizes the experts after the load,
+# moetool.runtime.quant.bnb loads with a plain BitsAndBytesConfig and quantizes the experts after the load,
 # with a warning.
 
 

@@ -37,7 +37,7 @@ import time
 import warnings
 from typing import Any
 
-from moetool import hf_compat
+from moetool.runtime import hf_compat
 from moetool.errors import MoetoolError, first_line
 
 EXPERT_WEIGHT_NAMES = ("gate_up_proj", "down_proj", "up_proj", "gate_proj")  # fused 3-D expert weights
@@ -47,7 +47,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 CHUNK_ELEMENTS = 1 << 22  # quantize at most this many values at once (bounds the temporary memory)
 
 _BACKEND_CACHE: dict[str, dict] = {}
-_log = logging.getLogger("moetool.quant")
+_log = logging.getLogger("moetool.runtime.quant.bnb")
 _WEIGHT_CLASS = None
 
 
@@ -328,7 +328,7 @@ def _weight_class():
     return QuantizedExpertWeight
 
 
-def __getattr__(name: str):  # PEP 562: `from moetool.quant import QuantizedExpertWeight` builds it lazily
+def __getattr__(name: str):  # PEP 562: `from moetool.runtime.quant.bnb import QuantizedExpertWeight` builds it lazily
     if name == "QuantizedExpertWeight":
         return _weight_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -366,7 +366,7 @@ def _skipped(name: str, skip_modules) -> bool:
     return any(key and (re.match(rf"(?:{key}){boundary}", name) or name.endswith(key)) for key in (skip_modules or ()))
 
 
-# accelerate's offload hooks and transformers' experts dispatch: moetool.hf_compat
+# accelerate's offload hooks and transformers' experts dispatch: moetool.runtime.hf_compat
 _offload_hook = hf_compat.offload_hook
 _execution_device = hf_compat.execution_device
 _drop_offloaded = hf_compat.drop_offloaded
@@ -384,8 +384,8 @@ class _RefuseSave:
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        raise MoetoolError("this model's experts are quantized by moetool.quant, which transformers cannot "
-                           "save or reload; call moetool.quant.dequantize_experts(model) first, or save the "
+        raise MoetoolError("this model's experts are quantized by moetool.runtime.quant.bnb, which transformers cannot "
+                           "save or reload; call moetool.runtime.quant.bnb.dequantize_experts(model) first, or save the "
                            "original checkpoint")
 
 
@@ -789,7 +789,7 @@ def _skeleton(model_id_or_path, kwargs: dict):
 def _default_skips(skeleton) -> list[str]:
     """What transformers' bitsandbytes integration leaves unquantized when not told (lm_head,
     tied and last modules): passing ``llm_int8_skip_modules`` replaces that default."""
-    from moetool import hf_compat
+    from moetool.runtime import hf_compat
 
     return hf_compat.default_skip_modules(skeleton)
 
@@ -797,7 +797,7 @@ def _default_skips(skeleton) -> list[str]:
 # -- loading ----------------------------------------------------------------------------------------------
 class _ExpertClaim:
     """What one 4-/8-bit load does with the fused expert weights transformers' loader hands to
-    moetool's registered bitsandbytes quantizer (moetool.bnb_quantizer): each arrives after any
+    moetool's registered bitsandbytes quantizer (moetool.runtime.quant.bnb_quantizer): each arrives after any
     checkpoint conversion (e.g. per-expert w1/w3 -> fused gate_up_proj), is quantized and
     installed as a QuantizedExpertWeight at once, so only one fused tensor is ever held in full
     precision."""
@@ -834,13 +834,13 @@ class _ExpertClaim:
 
 
 def _bnb_config(bits: int, claim, bnb_kwargs: dict):
-    """moetool's registered quantizer's config (moetool.bnb_quantizer), or, where transformers
+    """moetool's registered quantizer's config (moetool.runtime.quant.bnb_quantizer), or, where transformers
     lacks what it needs, a plain BitsAndBytesConfig (the experts are then quantized after the
     load, loudly). Returns (config, claim or None)."""
     key = "load_in_4bit" if bits == 4 else "load_in_8bit"
     if claim is not None:
         try:
-            from moetool.bnb_quantizer import MoetoolBnbConfig
+            from moetool.runtime.quant.bnb_quantizer import MoetoolBnbConfig
         except ImportError:
             pass
         else:

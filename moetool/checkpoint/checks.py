@@ -3,7 +3,7 @@ tensor data, no torch): the weights are safetensors (pickles only when asked for
 the index names is there and sound, and every tensor the model needs is present.
 
 ``check_weights`` is the one entry point (trace, eval, distill and calibration through
-``moetool.loading.load_model``; prune and merge-experts through ``moetool.surgery.Checkpoint``).
+``moetool.runtime.loading.load_model``; prune and merge-experts through ``moetool.compression.surgery.Checkpoint``).
 Which tensors a model needs comes from its family (``Family.tensors(rc)``: the family spec's
 templates, or whatever a derived family enumerates), so the check works for every family.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moetool.errors import MoetoolError
-from moetool.safetensors_header import HeaderEntry, checkpoint_files, read_header
+from moetool.checkpoint.safetensors_header import HeaderEntry, checkpoint_files, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -96,7 +96,7 @@ def check_weights(name: str, path: str | Path, rc, allow_pickle: bool = False) -
 
     Returns the header entries of the safetensors files (complete, sound); None only for a
     pickle-only checkpoint with ALLOW_PICKLE (then transformers' own load report is the check:
-    ``moetool.loading`` treats missing or unexpected keys as an error)."""
+    ``moetool.runtime.loading`` treats missing or unexpected keys as an error)."""
     path = Path(path)
     files = checkpoint_files(path)  # an index naming a missing shard is refused here
     if not files:
@@ -116,8 +116,8 @@ def check_model(model: str, allow_pickle: bool = False, what: str = "run"):
     """Resolve MODEL (checkpoint directory or cached Hub id) and ``check_weights`` it: for a
     command that checks every model it will read before loading the first. Returns
     (source, rc)."""
-    from moetool.params import resolve_family
-    from moetool.source import resolve
+    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.source import resolve
 
     source = resolve(model)
     rc = resolve_family(source)

@@ -63,7 +63,7 @@ def weight_similarity(ckpt, layer: int, experts: int, chunk_bytes: int = 64 * 2*
     shard."""
     import torch
 
-    from moetool.surgery import classify
+    from moetool.compression.surgery import classify
 
     names: list[list[str]] = []  # per projection: the tensor of each expert (or one fused tensor)
     fused: list[str] = []
@@ -179,7 +179,7 @@ def _neuron_features(ckpt, templates: dict[str, str], e: int):
 def alignment_perms(ckpt, layer: int, group: list[int]) -> list:
     """Per member of GROUP, the permutation of its hidden neurons onto the dominant's (None
     for the dominant itself)."""
-    from moetool.surgery import classify
+    from moetool.compression.surgery import classify
 
     templates: dict[str, str] = {}
     for name in ckpt.entries:
@@ -208,11 +208,11 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
 
     ROUTER_ROW: the merged expert's router row (and score-correction bias / router bias) is the
     usage-weighted ``average`` of its members' rows, or the ``dominant`` member's row. HEAL: then
-    heal the merged model against MODEL on the same calibration text (moetool.heal)."""
-    from moetool.prune import expert_config_updates, gather_stats, group_plan, keep_count
+    heal the merged model against MODEL on the same calibration text (moetool.compression.heal)."""
+    from moetool.compression.prune import expert_config_updates, gather_stats, group_plan, keep_count
     import time
 
-    from moetool.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
+    from moetool.compression.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
 
     started = time.perf_counter()
     if similarity not in SIMILARITIES:
@@ -277,7 +277,7 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
         return _card({**result, "merge": merge_info})
 
     if heal:
-        from moetool.heal import heal_after
+        from moetool.compression.heal import heal_after
 
         result = heal_after(lambda path: run_surgery(ckpt, plan, path, card=card, progress=progress), model, out,
                             file, max_tokens, batch_size, heal_options, force, load_options, progress)
@@ -291,7 +291,7 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
 def _card(result: dict) -> str:
     from pathlib import Path
 
-    from moetool.surgery import card_header, card_statistics
+    from moetool.compression.surgery import card_header, card_statistics
 
     mg = result["merge"]
     sim = {"router": "cosine similarity of router logits on calibration tokens",

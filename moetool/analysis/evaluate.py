@@ -13,7 +13,7 @@ from the tokens before it in the window:
 - top-1 agreement = fraction of predicted positions where both models' most likely next token
   is the same.
 
-Models are loaded one at a time (``moetool.loading.load_model``, same options as `trace`); the
+Models are loaded one at a time (``moetool.runtime.loading.load_model``, same options as `trace`); the
 reference's log-probabilities are kept in a temporary file (float32, tokens x vocabulary) that
 is removed at the end.
 """
@@ -21,7 +21,6 @@ is removed at the end.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import tempfile
 import time
@@ -35,7 +34,7 @@ MAX_REF_BYTES = 16 * 2**30
 
 
 def _read_text(file: str) -> str:
-    from moetool.trace import read_texts
+    from moetool.analysis.trace import read_texts
 
     return "\n".join(read_texts((), file))
 
@@ -43,7 +42,7 @@ def _read_text(file: str) -> str:
 def _tokenizer(model: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    from moetool.source import resolve
+    from moetool.checkpoint.source import resolve
 
     src = resolve(model)
     if src.kind != "checkpoint" or src.path is None:
@@ -80,8 +79,8 @@ def _run_model(loaded, wins, batch_size: int, ref_store, is_ref: bool, on_batch=
     """NLL of every predicted token; with a reference store, KL and top-1 agreement against
     it; with IS_REF, fill the store. The windows run in order through the executor (padding
     id 0, never counted)."""
-    from moetool.executor import Executor
-    from moetool.observers import NextTokenMetrics
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.observers import NextTokenMetrics
 
     metrics = NextTokenMetrics([len(w) for w in wins], ref_store=ref_store, fill=is_ref, on_batch=on_batch)
     try:
@@ -99,7 +98,7 @@ def evaluate_models(models: list[str], file: str, ref: str | None = None, max_to
                     progress: bool = True) -> dict:
     """Perplexity of each of MODELS on FILE; with REF, KL(ref || model) and top-1 agreement.
     Returns plain data (see the module docstring)."""
-    from moetool.loading import load_model
+    from moetool.runtime.loading import load_model
 
     models = list(models)
     if not models:
@@ -112,7 +111,7 @@ def evaluate_models(models: list[str], file: str, ref: str | None = None, max_to
         raise MoetoolError("--max-tokens must be at least 2")
     load_options = dict(load_options or {})
     text = _read_text(file)
-    from moetool.checks import check_model
+    from moetool.checkpoint.checks import check_model
 
     for m in dict.fromkeys(([ref] if ref else []) + models):  # every model's weights, before loading any
         check_model(m, bool(load_options.get("allow_pickle")), what="evaluate")
@@ -139,7 +138,7 @@ def evaluate_models(models: list[str], file: str, ref: str | None = None, max_to
     results: dict[str, dict] = {}
     tmpdir = tempfile.TemporaryDirectory(prefix="moetool-eval-")
     ref_store = None
-    from moetool.progress import open_progress
+    from moetool.runtime.progress import open_progress
 
     show = None if progress else False  # True: when stderr is a terminal (or --progress)
     bar = open_progress(show)

@@ -1,4 +1,4 @@
-"""What commands record while ``moetool.executor.Executor`` runs a model.
+"""What commands record while ``moetool.runtime.executor.Executor`` runs a model.
 
 - :class:`RoutingRecorder` (trace, prune, merge-experts, distill init): per token and MoE layer
   the chosen experts and their weights, read at the experts module's inputs
@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from moetool.errors import MoetoolError
-from moetool.executor import Batch, Observer
+from moetool.runtime.executor import Batch, Observer
 
 
 def experts_take_routing(experts) -> bool:
@@ -66,7 +66,7 @@ class RoutingRecorder(Observer):
     def __init__(self, loaded, logits: bool = False):
         import torch
 
-        from moetool.loading import moe_blocks
+        from moetool.runtime.loading import moe_blocks
 
         self.loaded = loaded
         self.rc = loaded.rc
@@ -259,7 +259,7 @@ class ExpertProbe(Observer):
     """
 
     def __init__(self, loaded, reap: bool, outputs: bool, sample_tokens: int = 256):
-        from moetool.loading import moe_blocks
+        from moetool.runtime.loading import moe_blocks
 
         self.blocks = moe_blocks(loaded)
         self.E = int(loaded.rc.num_experts)
@@ -479,7 +479,6 @@ class TeacherTopK(Observer):
         self.out: list = []
 
     def batch_end(self, batch: Batch, layer, logits) -> None:
-        from moetool.distill import topk_of
 
         if logits is None:
             return
@@ -499,3 +498,15 @@ class TeacherTopK(Observer):
                 self.out.append((v.cpu(), ix.cpu(), r.cpu(), nll.sum(-1).double().cpu(), top1.cpu()))
         if self.on_batch:
             self.on_batch(len(batch.rows))
+
+
+def topk_of(t_logits, k: int, temperature: float):
+    """The teacher's top-k log-probabilities at a temperature, their token ids, and the log
+    of the probability mass outside them (-inf when k covers the vocabulary)."""
+    import torch
+
+    lp = (t_logits.float() / temperature).log_softmax(-1)
+    k = min(k, lp.shape[-1])
+    vals, idx = lp.topk(k, dim=-1)
+    rest = lp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    return vals, idx.to(torch.int32), rest

@@ -341,7 +341,7 @@ def synthetic_trace(rc, tokens: int, seq_len: int = 256, skew: float = 0.3, seed
     each token choosing top_k distinct experts with those probabilities. Sequences of
     ``seq_len`` tokens. Beyond ``pool`` tokens, tokens reuse the routings of a pool of that
     many tokens drawn this way (drawing distinct experts is the slow part)."""
-    from moetool.trace import Trace
+    from moetool.analysis.trace import Trace
 
     rng = np.random.default_rng(seed)
     E, k = int(rc.num_experts), int(rc.top_k)
@@ -371,6 +371,6 @@ def synthetic_trace(rc, tokens: int, seq_len: int = 256, skew: float = 0.3, seed
     meta = {"model": model, "family": rc.family.name, "num_experts": E, "top_k": k, "num_layers": int(rc.num_layers),
             "moe_layers": [int(L) for L in rc.moe_layers], "texts": [f"synthetic sequence {i}" for i in range(n_seq)],
             "quantization": "none", "weight_bytes": 0, "expert_weight_bytes": 0, "dtype": "bfloat16",
-            "routing": "synthetic", "created_by": f"moetool.plan_ep.synthetic_trace(skew={skew}, seed={seed})"}
+            "routing": "synthetic", "created_by": f"moetool.analysis.plan_ep.synthetic_trace(skew={skew}, seed={seed})"}
     return Trace(rng.integers(0, max(int(rc.vocab_size), 1), tokens).astype(np.int32), seq, pos,
                  np.zeros(tokens, dtype=np.uint8), experts, weights, {}, meta)

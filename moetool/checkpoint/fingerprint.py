@@ -37,8 +37,8 @@ def _routing_config(rc) -> dict:
 
 def model_fingerprint(rc, path: str | Path, entries: dict | None = None) -> str | None:
     """The fingerprint of the checkpoint at PATH (None when it has no safetensors files)."""
-    from moetool.checks import read_entries
-    from moetool.safetensors_header import checkpoint_files
+    from moetool.checkpoint.checks import read_entries
+    from moetool.checkpoint.safetensors_header import checkpoint_files
 
     path = Path(path)
     if entries is None:
