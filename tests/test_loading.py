@@ -171,7 +171,7 @@ def test_offload_via_cli_matches_plain_load():
     fx = FIXTURES / "tiny-qwen2-moe"
     budget = int(loaded(str(fx)).weight_bytes * 0.5)
     runs = []
-    for extra in ([], ["--max-memory", f"cpu={budget}B"]):
+    for extra in ([], ["--no-stream", "--max-memory", f"cpu={budget}B"]):
         result = CliRunner().invoke(cli, ["trace", str(fx), "--prompt", TEXTS[0], "--json", *extra],
                                     catch_exceptions=False)
         assert result.exit_code == 0, result.output
@@ -179,6 +179,26 @@ def test_offload_via_cli_matches_plain_load():
     assert "disk" in runs[1]["load"]["devices"] and "disk" not in runs[0]["load"]["devices"]
     assert [lay["expert_counts"] for lay in runs[0]["layers"]] == [lay["expert_counts"] for lay in runs[1]["layers"]]
     assert runs[0]["token_view"] == runs[1]["token_view"]
+
+
+def test_a_budget_smaller_than_the_weights_streams_by_itself_via_cli():
+    """Neither --stream nor --no-stream: --max-memory below the checkpoint's size means the model
+    does not fit what it is given, so it runs layer by layer, with the same routing."""
+    from click.testing import CliRunner
+
+    from moetool.cli import cli
+
+    fx = FIXTURES / "tiny-qwen2-moe"
+    budget = int(loaded(str(fx)).weight_bytes * 0.5)
+    runs = []
+    for extra in ([], ["--max-memory", f"cpu={budget}B"]):
+        result = CliRunner().invoke(cli, ["trace", str(fx), "--prompt", TEXTS[0], "--json", *extra],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        runs.append(json.loads(result.stdout))
+    assert runs[1]["load"]["streamed"] and not runs[0]["load"]["streamed"]
+    assert "one layer at a time" in result.stderr
+    assert [lay["expert_counts"] for lay in runs[0]["layers"]] == [lay["expert_counts"] for lay in runs[1]["layers"]]
 
 
 # -- quantized loading -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,13 +228,46 @@ def test_eval_command_streams(tmp_path):
     assert b["nll"] == pytest.approx(a["nll"], rel=1e-6)
 
 
-def test_distill_refuses_stream_in_one_line():
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2-moe"])
+def test_distill_with_a_streamed_teacher_equals_a_resident_one(name, tmp_path):
+    """The teacher streamed layer by layer (student init, usage calibration, held-out reference
+    and its top-K cache, each one pass over the layers) trains the same student as the resident
+    teacher with the same cache."""
+    from moetool.compression.distill import distill
+
+    train = FIXTURES / "corpus" / "train-prose.txt"
+    held = FIXTURES / "corpus" / "heldout-code.txt"
+    (tmp_path / "t.txt").write_text(train.read_text()[:12000])
+    (tmp_path / "h.txt").write_text(held.read_text()[:3000])
+    kw = dict(steps=2, seq_len=32, batch_size=2, calib_tokens=256, progress=False, cache_topk=64,
+              eval_files=[str(tmp_path / "h.txt")])
+    fx = str(FIXTURES / name)
+    resident = distill(fx, tmp_path / "a", [str(tmp_path / "t.txt")], cache_teacher=str(tmp_path / "ca"),
+                       load_options={"stream": False}, **kw)
+    streamed = distill(fx, tmp_path / "b", [str(tmp_path / "t.txt")], load_options={"stream": True}, **kw)
+    assert streamed["teacher_streamed"] and not resident["teacher_streamed"]
+    assert streamed["training"]["teacher_cache"]["temporary"]
+    assert not Path(streamed["training"]["teacher_cache"]["dir"]).name.startswith("ca")
+    assert streamed["init"] == resident["init"]
+    assert streamed["eval"][0]["kl"] == pytest.approx(resident["eval"][0]["kl"], rel=1e-4, abs=1e-6)
+    assert streamed["eval"][0]["teacher_ppl"] == pytest.approx(resident["eval"][0]["teacher_ppl"], rel=1e-5)
+    for x, y in zip(streamed["history"], resident["history"]):
+        assert x["kl"] == pytest.approx(y["kl"], rel=1e-4, abs=1e-6)
+    from safetensors.torch import load_file
+
+    a = {k: v for f in sorted((tmp_path / "a").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    b = {k: v for f in sorted((tmp_path / "b").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert a.keys() == b.keys()
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+
+
+def test_distill_refuses_hidden_loss_with_a_streamed_teacher():
     from moetool.compression.distill import DistillOptions, check_options
     from moetool.errors import MoetoolError
 
-    opts = DistillOptions(out="/tmp/x-never", files=[str(FIXTURES / "corpus" / "train.txt")],
-                          load_options={"stream": True})
-    with pytest.raises(MoetoolError, match="cannot --stream"):
+    opts = DistillOptions(out="/tmp/x-never", files=[str(FIXTURES / "corpus" / "train-prose.txt")],
+                          load_options={"stream": True}, hidden_loss=1.0)
+    with pytest.raises(MoetoolError, match="hidden-loss"):
         check_options(str(FIXTURES / "tiny-mixtral"), opts)
 
 
@@ -310,7 +344,18 @@ def test_streams_by_itself_when_the_weights_do_not_fit(monkeypatch, capsys):
     assert "one layer at a time" in capsys.readouterr().err
     monkeypatch.setattr(loading, "_available_memory", lambda: 10**12)
     assert load_model(fx, stream=None).layer_reader is None
-    assert load_model(fx, stream=None, max_memory="cpu=100KB").layer_reader is None  # a budget means accelerate
+    capsys.readouterr()
+    # a --max-memory budget smaller than the weights: streamed, the budget holds the hidden states
+    lm = load_model(fx, stream=None, max_memory="cpu=100KB")
+    assert lm.layer_reader is not None and lm.run_options["activation_budget"] == 100_000
+    assert "do not fit in --max-memory (100,000 bytes)" in capsys.readouterr().err
+    # a budget the weights fit in: resident (the budget is accelerate's, as before)
+    assert load_model(fx, stream=None, max_memory="cpu=1GB").layer_reader is None
+    # --no-stream with a small budget: accelerate's placement and disk offload
+    lm = load_model(fx, stream=False, max_memory="cpu=100KB")
+    assert lm.layer_reader is None and lm.load_info()["offloaded"]
+    # an explicit device map is the user's placement: never streamed by itself
+    assert load_model(fx, stream=None, device_map="cpu").layer_reader is None
 
 
 def test_resume_without_run_dir_is_a_one_line_error():

@@ -46,7 +46,8 @@ _OPTIONS = [
                       "loader (off by default: moetool never unpickles unless asked)."),
     click.option("--stream/--no-stream", "stream", default=None,
                  help="Run the model one decoder layer at a time, reading each layer's weights from disk "
-                      "(default: when the weights do not fit in free memory; see docs/streaming.md)."),
+                      "(default: when the weights do not fit the memory given: --max-memory, else the free memory; "
+                      "see docs/streaming.md)."),
     click.option("--run-dir", "run_dir", default=None, type=click.Path(file_okay=False),
                  help="Checkpoint a layer-by-layer run here after every layer (see --resume)."),
     click.option("--resume", "resume", is_flag=True,
@@ -59,14 +60,16 @@ _OPTIONS = [
 _RUN_OPTIONS = ("stream", "run_dir", "resume")
 
 
-def loading_options(func=None, *, stream: bool = True):
+def loading_options(func=None, *, stream: bool = True, checkpoints: bool = True):
     """Add the loading options to a click command; the command receives ``load_options``.
-    ``@loading_options(stream=False)``: without --stream/--run-dir/--resume (a command that
-    needs the whole model in memory)."""
+    ``stream=False``: without --stream/--run-dir/--resume (a command that needs the whole model
+    in memory); ``checkpoints=False``: --stream/--no-stream without --run-dir/--resume (a command
+    with checkpoints and a --resume of its own, e.g. distill)."""
     if func is None:
-        return functools.partial(loading_options, stream=stream)
-    names = OPTION_NAMES if stream else tuple(n for n in OPTION_NAMES if n not in _RUN_OPTIONS)
-    options = _OPTIONS if stream else [o for o, n in zip(_OPTIONS, _OPTION_DESTS) if n not in _RUN_OPTIONS]
+        return functools.partial(loading_options, stream=stream, checkpoints=checkpoints)
+    dropped = _RUN_OPTIONS if not stream else () if checkpoints else ("run_dir", "resume")
+    names = tuple(n for n in OPTION_NAMES if n not in dropped)
+    options = [o for o, n in zip(_OPTIONS, _OPTION_DESTS) if n not in dropped]
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):

@@ -45,7 +45,7 @@ from moetool.commands._loading_options import loading_options
               help="Run the teacher once and keep its top-K log-probabilities in this directory.")
 @click.option("--cache-topk", type=int, default=64, show_default=True, help="K for --cache-teacher.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the data order and random weights.")
-@loading_options(stream=False)
+@loading_options(checkpoints=False)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 def command(model: str, out: str, files: tuple[str, ...], as_json: bool, eval_files: tuple[str, ...],

@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,9 @@ def check_options(model: str, opts: DistillOptions):
     if opts.resume and _latest_checkpoint(_checkpoint_dir(opts)) is None:
         raise MoetoolError(f"--resume: no checkpoint in {_checkpoint_dir(opts)}")
     lo = opts.load_options or {}
-    if lo.get("stream"):
-        raise MoetoolError("distill needs the teacher's weights in memory to build the student; it cannot --stream")
+    if lo.get("stream") and opts.hidden_loss > 0:
+        raise MoetoolError("--hidden-loss needs the teacher's hidden states every step; a streamed teacher "
+                           "(--stream) runs once, into its top-K cache")
     if lo.get("load_in_4bit") or lo.get("load_in_8bit"):
         raise MoetoolError("the student starts from the teacher's own weights: load the teacher unquantized "
                            "(no --load-in-4bit/--load-in-8bit) to distill")
@@ -507,7 +509,7 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
     from accelerate import Accelerator
 
     from moetool.compression import distill_init as di
-    from moetool.runtime.loading import load_model
+    from moetool.runtime.loading import load_model, temporary_dir
 
     from transformers.utils import logging as hf_logging
 
@@ -522,7 +524,16 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
 
     loaded = load_model(model, **opts.load_options)
     teacher = loaded.model
-    if not (opts.load_options or {}).get("device_map") and not (opts.load_options or {}).get("max_memory"):
+    streamed = loaded.layer_reader is not None
+    if streamed and opts.hidden_loss > 0:  # streamed by itself (the teacher does not fit)
+        raise MoetoolError(f"{model}: the teacher does not fit in memory and is streamed one layer at a time; "
+                           "--hidden-loss needs its hidden states every step (drop it, or give --no-stream)")
+    temporary_cache = streamed and not opts.cache_teacher
+    if temporary_cache:
+        # a streamed teacher runs once over the training text, into a top-K cache: not per step
+        opts = dataclasses.replace(opts, cache_teacher=temporary_dir("moetool-teacher-cache-"))
+    if not streamed and not (opts.load_options or {}).get("device_map") \
+            and not (opts.load_options or {}).get("max_memory"):
         teacher.to(device)
     t_device = loaded.input_device
     teacher.eval()
@@ -594,7 +605,7 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
             my_valid = torch.tensor([i < n_eval for i in mine])
             my_eval = eval_blocks[[i if i < n_eval else 0 for i in mine]]
             eval_k = eval_topk(int(student.config.vocab_size), my_eval.numel())
-            ref = _eval_reference(teacher, my_eval, t_device, opts.batch_size, eval_k)
+            ref = _eval_reference(loaded, my_eval, t_device, opts.batch_size, eval_k)
         cache = None
         t2 = time.perf_counter()
         order = _Order(blocks.shape[0], opts.seed, opts.batch_size, opts.grad_accum, world)
@@ -602,10 +613,10 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
             used = sorted({b for s in range(opts.steps) for m in range(opts.grad_accum) for r in range(world)
                            for b in order.indices(s, m, r)})
             if main:
-                path = build_teacher_cache(teacher, blocks, used, opts, identity, t_device, progress)
+                path = build_teacher_cache(loaded, blocks, used, opts, identity, t_device, progress)
             accelerator.wait_for_everyone()
             if not main:  # found, not rebuilt
-                path = build_teacher_cache(teacher, blocks, used, opts, identity, t_device, None)
+                path = build_teacher_cache(loaded, blocks, used, opts, identity, t_device, None)
             cache = _CacheReader(path, used, opts.seq_len)
             # the teacher is not needed any more: give its memory to training
             loaded.model = None
@@ -706,6 +717,7 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
             "default_intermediate_size": di.default_width(rc),
             "params": n_params,
         },
+        "teacher_streamed": streamed,
         "init": {"method": opts.init, "usage": usage_source, "layers": init_rows},
         "data": {
             "files": [f for f, _ in texts], "tokens": len(train_ids), "blocks": int(blocks.shape[0]),
@@ -723,7 +735,7 @@ def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
             "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay, "temperature": opts.temperature,
             "hidden_loss": opts.hidden_loss, "seed": opts.seed,
             "teacher_cache": None if not opts.cache_teacher else {
-                "dir": opts.cache_teacher, "topk": opts.cache_topk,
+                "dir": opts.cache_teacher, "topk": opts.cache_topk, "temporary": temporary_cache,
                 "kl": "top-k support plus one lumped bin for the rest of the vocabulary"},
             "tokens_per_second": (steps_run * tokens_per_step / train_s) if train_s > 0 else None,
             "distributed": str(accelerator.distributed_type).split(".")[-1],

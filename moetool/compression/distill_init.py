@@ -43,6 +43,8 @@ same magnitude rule when it is narrower (lossy; reported per layer).
 
 from __future__ import annotations
 
+import re
+
 import math
 from dataclasses import dataclass
 
@@ -309,9 +311,9 @@ def _assemble(pieces, student_gate, student_up, student_down):
 def init_student(loaded, student, usage: dict[int, LayerUsage] | None, method: str) -> list[dict]:
     """Copy the teacher's non-MLP tensors into STUDENT by name and initialise every MLP.
     Returns one row per layer describing where its MLP came from."""
-    import torch
 
     from moetool.runtime.loading import moe_blocks
+    from moetool.runtime.streaming import layer_in_memory
 
     if method not in INIT_METHODS:
         raise MoetoolError(f"unknown --init '{method}' (choose from {', '.join(INIT_METHODS)})")
@@ -319,18 +321,40 @@ def init_student(loaded, student, usage: dict[int, LayerUsage] | None, method: s
     spec = sibling_spec(fam)
     fused = {**_FUSED, **spec.get("teacher_experts", {})}
     shared_names = {**_SHARED, **spec.get("teacher_shared_mlp", {})}
-    teacher_sd = loaded.model.state_dict()
     student_sd = student.state_dict()
     mlp_names = set()
     for L in range(rc.num_layers):
         mlp_names.update(spec["mlp"][p].replace("{L}", str(L)) for p in ("gate", "up", "down"))
     zeros_ok = {t.replace("{L}", str(L)) for t in spec.get("zeros_if_missing", []) for L in range(rc.num_layers)}
+    by_layer: dict[int | None, list[str]] = {}
+    for name in student_sd:
+        if name not in mlp_names:
+            m = _LAYER_RX.search(name)
+            by_layer.setdefault(int(m.group(1)) if m else None, []).append(name)
 
-    # 1. everything that is not an MLP, by name
+    # 1. everything outside the decoder layers (embeddings, final norm, head), by name; a tied-
+    # embedding student shares the head with the embedding: nothing else to do
+    _copy_by_name(loaded.model.state_dict(), student_sd, by_layer.get(None, []), zeros_ok, spec)
+    params = dict(student.named_parameters())
+    blocks = {L: (block, experts) for L, block, _router, experts in moe_blocks(loaded)} if rc.moe_layers else {}
+    rows = []
+    for L in range(rc.num_layers):
+        with layer_in_memory(loaded, L):  # a streamed teacher: this layer read from disk, freed after
+            teacher_sd = loaded.model.state_dict()
+            _copy_by_name(teacher_sd, student_sd, by_layer.get(L, []), zeros_ok, spec)  # 2. attention, norms
+            rows.append(_init_mlp(L, loaded, fam, spec, params, teacher_sd, blocks, usage, method, fused, shared_names))
+    return rows
+
+
+_LAYER_RX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _copy_by_name(teacher_sd: dict, student_sd: dict, names: list[str], zeros_ok: set[str], spec: dict) -> None:
+    import torch
+
     with torch.no_grad():
-        for name, dst in student_sd.items():
-            if name in mlp_names:
-                continue
+        for name in names:
+            dst = student_sd[name]
             src = teacher_sd.get(name)
             if src is None:
                 if name in zeros_ok:
@@ -340,57 +364,53 @@ def init_student(loaded, student, usage: dict[int, LayerUsage] | None, method: s
             if tuple(src.shape) != tuple(dst.shape):
                 raise MoetoolError(f"'{name}' is {list(src.shape)} in the teacher, {list(dst.shape)} in the student")
             dst.copy_(_float(src).to(dst.dtype))
-    # a tied-embedding student shares the head with the embedding: nothing else to do
 
-    params = dict(student.named_parameters())
-    blocks = {L: (block, experts) for L, block, _router, experts in moe_blocks(loaded)} if rc.moe_layers else {}
-    rows = []
-    for L in range(rc.num_layers):
-        sg, su, sd = (params[spec["mlp"][p].replace("{L}", str(L))] for p in ("gate", "up", "down"))
-        width = sg.shape[0]
-        if L not in blocks:  # dense in the teacher: keep its MLP
-            tg, tu, td = (teacher_sd.get(spec["mlp"][p].replace("{L}", str(L))) for p in ("gate", "up", "down"))
-            if tg is None or tu is None or td is None:
-                raise MoetoolError(f"layer {L} is dense in the teacher but its MLP is not at {spec['mlp']['gate']}")
-            tg, tu, td = _float(tg), _float(tu), _float(td)
-            tw = tg.shape[0]
-            taken = _assemble([_keep(tg, tu, td, width)], sg, su, sd)
-            how = "copied" if tw == width else (f"copied, padded {tw} -> {width}" if tw < width
-                                                   else f"cut {tw} -> {width} (largest neurons)")
-            rows.append({"layer": L, "kind": "dense", "from": f"teacher dense MLP, {how}", "teacher_neurons": taken,
-                         "exact": tw <= width})
-            continue
-        if method == "random":
-            rows.append({"layer": L, "kind": "moe", "from": "random", "teacher_neurons": 0, "exact": False})
-            continue
-        block, experts = blocks[L]
-        u = usage[L]
-        pieces, notes = [], []
-        shared_mod = None
-        for layout in fam.runtime_layouts:
-            if layout.get("shared"):
-                try:
-                    shared_mod = block.get_submodule(layout["shared"])
-                    break
-                except AttributeError:
-                    continue
-        if shared_mod is not None:
-            g = _float(shared_mod.get_submodule(shared_names["gate"]).weight)
-            up = _float(shared_mod.get_submodule(shared_names["up"]).weight)
-            d = _float(shared_mod.get_submodule(shared_names["down"]).weight)
-            scale = 1.0 if u.shared_gate is None else float(u.shared_gate)
-            g, up, d = _keep(g, up, d, width)
-            pieces.append((g, up, d * scale))
-            notes.append(f"shared ({g.shape[0]} neurons" + ("" if u.shared_gate is None else f", x{scale:.3f} gate") + ")")
-        room = width - sum(p[0].shape[0] for p in pieces)
-        if room > 0:
-            gu = _float(getattr(experts, fused["gate_up"]))
-            dn = _float(getattr(experts, fused["down"]))
-            routed, note = _routed_neurons(gu, dn, u, room, method)
-            pieces += routed
-            notes.append(note)
-        taken = _assemble(pieces, sg, su, sd)
-        if taken < width:
-            notes.append(f"{width - taken} zero-output padding neurons")
-        rows.append({"layer": L, "kind": "moe", "from": "; ".join(notes), "teacher_neurons": taken, "exact": False})
-    return rows
+
+def _init_mlp(L: int, loaded, fam, spec, params, teacher_sd, blocks, usage, method, fused, shared_names) -> dict:
+    """3. Layer L's dense MLP: the teacher's own where the layer is dense, else built from its
+    shared and routed experts by METHOD. Returns the layer's row."""
+    sg, su, sd = (params[spec["mlp"][p].replace("{L}", str(L))] for p in ("gate", "up", "down"))
+    width = sg.shape[0]
+    if L not in blocks:  # dense in the teacher: keep its MLP
+        tg, tu, td = (teacher_sd.get(spec["mlp"][p].replace("{L}", str(L))) for p in ("gate", "up", "down"))
+        if tg is None or tu is None or td is None:
+            raise MoetoolError(f"layer {L} is dense in the teacher but its MLP is not at {spec['mlp']['gate']}")
+        tg, tu, td = _float(tg), _float(tu), _float(td)
+        tw = tg.shape[0]
+        taken = _assemble([_keep(tg, tu, td, width)], sg, su, sd)
+        how = "copied" if tw == width else (f"copied, padded {tw} -> {width}" if tw < width
+                                               else f"cut {tw} -> {width} (largest neurons)")
+        return {"layer": L, "kind": "dense", "from": f"teacher dense MLP, {how}", "teacher_neurons": taken,
+                "exact": tw <= width}
+    if method == "random":
+        return {"layer": L, "kind": "moe", "from": "random", "teacher_neurons": 0, "exact": False}
+    block, experts = blocks[L]
+    u = usage[L]
+    pieces, notes = [], []
+    shared_mod = None
+    for layout in fam.runtime_layouts:
+        if layout.get("shared"):
+            try:
+                shared_mod = block.get_submodule(layout["shared"])
+                break
+            except AttributeError:
+                continue
+    if shared_mod is not None:
+        g = _float(shared_mod.get_submodule(shared_names["gate"]).weight)
+        up = _float(shared_mod.get_submodule(shared_names["up"]).weight)
+        d = _float(shared_mod.get_submodule(shared_names["down"]).weight)
+        scale = 1.0 if u.shared_gate is None else float(u.shared_gate)
+        g, up, d = _keep(g, up, d, width)
+        pieces.append((g, up, d * scale))
+        notes.append(f"shared ({g.shape[0]} neurons" + ("" if u.shared_gate is None else f", x{scale:.3f} gate") + ")")
+    room = width - sum(p[0].shape[0] for p in pieces)
+    if room > 0:
+        gu = _float(getattr(experts, fused["gate_up"]))
+        dn = _float(getattr(experts, fused["down"]))
+        routed, note = _routed_neurons(gu, dn, u, room, method)
+        pieces += routed
+        notes.append(note)
+    taken = _assemble(pieces, sg, su, sd)
+    if taken < width:
+        notes.append(f"{width - taken} zero-output padding neurons")
+    return {"layer": L, "kind": "moe", "from": "; ".join(notes), "teacher_neurons": taken, "exact": False}

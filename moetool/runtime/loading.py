@@ -200,6 +200,13 @@ def _cleanup_temp_dirs() -> None:
 atexit.register(_cleanup_temp_dirs)
 
 
+def temporary_dir(prefix: str) -> str:
+    """A directory removed when the process exits (offload folders, a streamed teacher's cache)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    _TEMP_DIRS.append(d)
+    return d
+
+
 def _torch_dtype(dtype: str):
     import torch
 
@@ -230,9 +237,10 @@ def load_model(
     reports with missing, unexpected or mismatched keys is an error, never a random init.
 
     STREAM: True = keep only the skeleton and read each decoder layer's weights when the
-    executor runs it (moetool.runtime.streaming); None = do so when the weights do not fit in the
-    memory available (and no --max-memory / --device-map was given: those mean accelerate's
-    placement). RUN_DIR / RESUME: where a layer-by-layer run checkpoints, and continuing it."""
+    executor runs it (moetool.runtime.streaming); None = do so when the weights do not fit the
+    memory given (the MAX_MEMORY total, else the free memory; an explicit DEVICE_MAP means
+    accelerate's placement). RUN_DIR / RESUME: where a layer-by-layer run checkpoints, and
+    continuing it."""
     from moetool.families.resolve import resolve_family
     from moetool.checkpoint.source import resolve
 
@@ -257,13 +265,7 @@ def load_model(
     torch_dtype = _torch_dtype(dtype)
     budget = parse_max_memory(max_memory)
     if stream is None:
-        stream = budget is None and device_map is None and not (load_in_4bit or load_in_8bit) \
-            and _weights_exceed_memory(source)
-        if stream:
-            from moetool.errors import warn
-
-            warn(f"{model}: its weights do not fit in the free memory; running it one layer at a time "
-                 "(--no-stream to load it whole)")
+        stream = _choose_stream(model, source, budget, device_map, load_in_4bit or load_in_8bit)
     run = {"run_dir": run_dir, "resume": bool(resume)}
     if budget is not None:
         run["activation_budget"] = int(sum(v for k, v in budget.items() if k != "disk"))
@@ -281,8 +283,7 @@ def load_model(
             raise MoetoolError("--max-memory applies to a computed device map (auto, balanced, sequential), "
                                "not to an explicit one")
     if dmap is not None and offload_folder is None:
-        offload_folder = tempfile.mkdtemp(prefix="moetool-offload-")
-        _TEMP_DIRS.append(offload_folder)
+        offload_folder = temporary_dir("moetool-offload-")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -362,17 +363,45 @@ def check_loading_info(model: str, info: dict) -> None:
         raise MoetoolError(f"{model}: cannot load: {errors[0].strip().splitlines()[0]}")
 
 
-def _weights_exceed_memory(source) -> bool:
-    """Whether the checkpoint's weights need more than the memory this machine has free
-    (MemAvailable, plus free GPU memory), with a quarter kept for activations and the rest."""
+def _choose_stream(model: str, source, budget: dict | None, device_map, quantized: bool) -> bool:
+    """Neither --stream nor --no-stream: stream when the weights do not fit the memory the run is
+    given: the --max-memory total (devices and cpu, not disk) when there is one, else three
+    quarters of the free memory. An explicit --device-map, or a quantized load, keeps
+    accelerate's placement."""
+    if device_map is not None or quantized:
+        return False
+    if budget is not None:
+        weights = _weights_bytes(source)
+        given = sum(v for k, v in budget.items() if k != "disk")
+        if weights is None or weights <= given:
+            return False
+        why = f"its weights ({weights:,} bytes) do not fit in --max-memory ({given:,} bytes)"
+    elif _weights_exceed_memory(source):
+        why = "its weights do not fit in the free memory"
+    else:
+        return False
+    from moetool.errors import warn
+
+    warn(f"{model}: {why}; running it one layer at a time (--no-stream for accelerate's placement"
+         + (" and disk offload)" if budget is not None else ", loading it whole)"))
+    return True
+
+
+def _weights_bytes(source) -> int | None:
     from moetool.checkpoint.safetensors_header import checkpoint_files
 
     try:
-        weights = sum(p.stat().st_size for p in checkpoint_files(source.path))
+        return sum(p.stat().st_size for p in checkpoint_files(source.path))
     except (MoetoolError, OSError):
-        return False
+        return None
+
+
+def _weights_exceed_memory(source) -> bool:
+    """Whether the checkpoint's weights need more than the memory this machine has free
+    (MemAvailable, plus free GPU memory), with a quarter kept for activations and the rest."""
+    weights = _weights_bytes(source)
     free = _available_memory()
-    return free is not None and weights > 0.75 * free
+    return weights is not None and free is not None and weights > 0.75 * free
 
 
 def _available_memory() -> int | None:

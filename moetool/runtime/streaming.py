@@ -16,6 +16,8 @@ resident set stays one layer), and counted in ``LayerReader.bytes_read``.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import threading
 from pathlib import Path
@@ -264,6 +266,21 @@ class LayerReader:
                                                                      requires_grad=False))
                 quant._unforce_eager(mod)
         module.to_empty(device="meta")
+
+
+@contextlib.contextmanager
+def layer_in_memory(loaded, layer: int):
+    """LAYER's weights readable inside the block: read from disk (and freed after) when LOADED is
+    streamed; a resident model's are already there."""
+    reader = getattr(loaded, "layer_reader", None)
+    if reader is None:
+        yield
+        return
+    reader.materialise(layer)
+    try:
+        yield
+    finally:
+        reader.free(layer)
 
 
 def load_streamed(source, rc, dtype, device_map=None, trust_remote_code: bool = False):
