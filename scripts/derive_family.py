@@ -1,6 +1,10 @@
 """Write a DRAFT curated family JSON for MODEL_TYPE from transformers' own model.
 
     python scripts/derive_family.py glm4_moe > moetool/families/glm4_moe.json.draft
+    python scripts/derive_family.py kimi_linear --set num_hidden_layers=5 --set 'moe_layer_freq=2' > draft.json
+
+``--set KEY=VALUE`` (VALUE as JSON, else a string) overrides the config before building: give the
+family's own dimension keys distinct values so that the draft can name them.
 
 The model is built on the meta device (moetool.families.derive) from transformers' default config with
 its dimension keys set to distinct values, so every literal shape can be written back as an
@@ -33,11 +37,12 @@ def _ints(config: dict) -> dict[str, int]:
     return {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
 
 
-def expression_for(value: int, names: dict[str, int], prefer: tuple[str, ...] = ()) -> str | None:
+def expression_for(value: int, names: dict[str, int], prefer: tuple[str, ...] = (), chosen: frozenset = frozenset()
+                   ) -> str | None:
     hits = [k for k, v in names.items() if v == value]
     if hits:
-        return sorted(hits, key=lambda k: (k not in prefer, k not in _DISTINCT, len(k)))[0]
-    keys = [k for k in names if k in _DISTINCT or "expert" in k or "layers" in k]
+        return sorted(hits, key=lambda k: (k not in prefer, k not in chosen, k not in _DISTINCT, len(k)))[0]
+    keys = [k for k in names if k in _DISTINCT or k in chosen or "expert" in k or "layers" in k]
     for a, b in itertools.combinations_with_replacement(keys, 2):
         if names[a] * names[b] == value:
             return f"{a} * {b}"
@@ -51,7 +56,7 @@ def expression_for(value: int, names: dict[str, int], prefer: tuple[str, ...] = 
     return None
 
 
-def draft(model_type: str) -> tuple[dict, list[str]]:
+def draft(model_type: str, overrides: dict | None = None) -> tuple[dict, list[str]]:
     from moetool.families.catalog import tiny_config
     from moetool.families.derive import derive_spec
 
@@ -59,14 +64,16 @@ def draft(model_type: str) -> tuple[dict, list[str]]:
     for key, value in _DISTINCT.items():
         if isinstance(config.get(key), int):
             config[key] = value
+    config.update(overrides or {})
     spec = derive_spec(config)
     names = _ints(config)
+    chosen = frozenset(overrides or ())
     todo: list[str] = []
     for group in spec["tensors"].values():
         for t in group:
             shape = []
             for d in t["shape"]:
-                expr = expression_for(int(d), names, ("hidden_size", "vocab_size"))
+                expr = expression_for(int(d), names, ("hidden_size", "vocab_size"), chosen)
                 if expr is None:
                     todo.append(f"{t['name']}: dimension {d} left literal")
                 shape.append(expr or int(d))
@@ -85,17 +92,32 @@ def draft(model_type: str) -> tuple[dict, list[str]]:
             value = int(expr)
         except (TypeError, ValueError):
             continue
-        better = expression_for(value, names, ("num_hidden_layers", "hidden_size", "vocab_size"))
+        better = expression_for(value, names, ("num_hidden_layers", "hidden_size", "vocab_size"), chosen)
         if better:
             fields[key] = better
     return spec, todo
 
 
+def _parse_sets(args: list[str]) -> dict | None:
+    out = {}
+    while args:
+        flag = args.pop(0)
+        if flag != "--set" or not args or "=" not in args[0]:
+            return None
+        key, _, value = args.pop(0).partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    overrides = _parse_sets(list(argv[1:])) if argv else None
+    if not argv or overrides is None:
         print(__doc__, file=sys.stderr)
         return 2
-    spec, todo = draft(argv[0])
+    spec, todo = draft(argv[0], overrides)
     print(json.dumps(spec, indent=1))
     for line in todo:
         print(f"TODO {line}", file=sys.stderr)

@@ -22,6 +22,9 @@ UNSUPPORTED = json.loads((ROOT / "tests" / "data" / "unsupported_families.json")
 KNOWN_DIFFERENCES = {
     "inkling2_text": "the checkpoint stores the LM head with a padded vocabulary (Inkling2UnpadVocab cuts it on load)",
     "inkling2_loop_text": "the checkpoint stores the LM head with a padded vocabulary (Inkling2UnpadVocab cuts it on load)",
+    "longcat_flash": "transformers allocates gate/up rows for the zero-computation experts too; the published checkpoints "
+                     "do not have them and the curated family does not count them (tests/test_curated.py checks the "
+                     "difference is exactly those rows)",
 }
 
 
@@ -130,9 +133,11 @@ def test_mixers_and_zero_experts_are_reported(tmp_path):
     path.write_text(json.dumps(tiny_config("longcat_flash")))
     from moetool.families import family_for_config
 
-    fam = family_for_config(tiny_config("longcat_flash"))
-    assert int(fam.spec["fields"]["zero_experts"]) > 0
+    cfg = tiny_config("longcat_flash")
+    fam = family_for_config(cfg)  # curated: zero_experts is an expression over the config
+    assert fam.resolve(cfg).fields["zero_experts"] > 0
     assert "zero-computation" in fam.spec["surgery"]["unsupported"]
+    assert any("zero-computation" in w for w in count_params(str(path))["warnings"])
 
 
 def test_deepseek_v2_null_top_k_is_one_line_error(tmp_path):

@@ -35,7 +35,7 @@ from typing import Any
 
 from moetool.errors import MoetoolError
 
-DERIVE_VERSION = 2  # bump when the derived spec format changes (invalidates caches)
+DERIVE_VERSION = 3  # bump when the derived spec format changes (invalidates caches)
 
 # config keys that never change a model's parameters: left out of the cache key
 _NON_SHAPING = {
@@ -49,7 +49,7 @@ _NON_SHAPING = {
 # class names of token mixers that are not softmax attention (linear attention, SSM, convolution)
 _MIXER_RX = re.compile(r"(Mamba|DeltaNet|GatedDelta|DeltaAttention|LinearAttention|Lightning|ShortConv|SSM|"
                        r"Mixer|Conv1d|Recurrent|Rwkv|Retention|Hyena)", re.I)
-_ATTN_RX = re.compile(r"(Attention|Attn)", re.I)
+_ATTN_RX = re.compile(r"(Attention|Attn|MLA$)", re.I)  # MLA: LongCat-Flash's LongcatFlashMLA
 _LAYER_RX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _TOPK_ATTRS = ("top_k", "num_experts_per_tok", "top_k_experts", "moe_topk", "moe_k", "topk", "num_experts_per_token",
                "experts_per_token", "moe_top_k", "k")
@@ -147,16 +147,35 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
+def causal_lm_class(hf_config):
+    """transformers' causal-LM class for HF_CONFIG when AutoModelForCausalLM does not map it: the
+    ``<Name>ForCausalLM`` class of the config's own model (Mistral 4 has one that transformers 5.24 does not list
+    for AutoModelForCausalLM, its checkpoints shipping inside a multimodal wrapper). None: use the Auto classes."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if type(hf_config) in AutoModelForCausalLM._model_mapping:
+        return None
+    name = type(hf_config).__name__
+    if name.endswith("Config"):
+        cls = getattr(transformers, name[: -len("Config")] + "ForCausalLM", None)
+        if cls is not None and getattr(cls, "config_class", None) is type(hf_config):
+            return cls
+    return None
+
+
 def build_meta_model(hf_config):
-    """transformers' causal-LM model for HF_CONFIG on the meta device (no memory)."""
+    """transformers' causal-LM model for HF_CONFIG on the meta device (no memory); the base model where
+    transformers has no causal-LM class for it."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     errors = []
-    for auto in (AutoModelForCausalLM, AutoModel):
+    direct = causal_lm_class(hf_config)
+    for auto in ((direct,) if direct is not None else (AutoModelForCausalLM, AutoModel)):
         try:
             with torch.device("meta"):
-                return auto.from_config(hf_config)
+                return auto._from_config(hf_config) if auto is direct else auto.from_config(hf_config)
         except ValueError as exc:  # no mapping for this config class
             errors.append(_one_line(exc))
         except Exception as exc:
