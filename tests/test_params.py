@@ -18,18 +18,13 @@ PRESETS = sorted(presets())
 
 def _transformers_count(config: dict, model_type: str) -> int:
     """Parameters (and persistent buffers, which checkpoints store) of transformers' own model,
-    built on the meta device from the same config."""
-    import torch
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    built on the meta device from the same config (its causal-LM class, as moetool.derive builds it), less the
+    weights a family's published checkpoints do not have (tests/test_curated.py: NOT_COUNTED)."""
+    from moetool.derive import build_meta_model, hf_config_for, meta_count
+    from test_curated import NOT_COUNTED
 
-    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
-    hf_config = CONFIG_MAPPING[model_type](**kwargs)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    state = model.state_dict()
-    return sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() for name, b in model.named_buffers() if name in state
-    )
+    model = build_meta_model(hf_config_for({**config, "model_type": model_type}))
+    return meta_count(model) - (NOT_COUNTED[model_type](model) if model_type in NOT_COUNTED else 0)
 
 
 @pytest.mark.parametrize("name", PRESETS)
