@@ -18,9 +18,9 @@ PRESETS = sorted(presets())
 
 def _transformers_count(config: dict, model_type: str) -> int:
     """Parameters (and persistent buffers, which checkpoints store) of transformers' own model,
-    built on the meta device from the same config (its causal-LM class, as moetool.derive builds it), less the
+    built on the meta device from the same config (its causal-LM class, as moetool.families.derive builds it), less the
     weights a family's published checkpoints do not have (tests/test_curated.py: NOT_COUNTED)."""
-    from moetool.derive import build_meta_model, hf_config_for, meta_count
+    from moetool.families.derive import build_meta_model, hf_config_for, meta_count
     from test_curated import NOT_COUNTED
 
     model = build_meta_model(hf_config_for({**config, "model_type": model_type}))
