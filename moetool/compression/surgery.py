@@ -11,7 +11,8 @@ from the family spec (``moetool/families/*.json``):
 - tensors with one row per routed expert (``"expert_rows": true``: router weight, DeepSeek's
   ``e_score_correction_bias``, gpt-oss router bias) and fused expert tensors
   (``"fused": true``, first dim = expert) keep the rows of the output experts, in order
-  (merging: the same weighted combination of rows);
+  (merging: the same weighted combination of rows); the expert dimension may come after
+  dimensions of size 1 (ERNIE 4.5's ``[1, E]`` bias), which lays the bytes out as ``[E]`` does;
 - companions of per-expert tensors that the spec does not name (quantization scales such as
   ``...gate_proj.weight_scale_inv``) follow their expert;
 - every other tensor (attention, norms, embeddings, shared experts, dense layers) is copied
@@ -165,20 +166,24 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, buffer: bytearray | None = None):
-        """The tensor NAME as a torch tensor in its own dtype (``rows``: only dim-0 rows a..b).
-        With BUFFER (large enough), the bytes are read into it and the tensor is a view of it
-        (valid until the buffer is reused): no allocation per read."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, buffer: bytearray | None = None,
+             axis: int = 0):
+        """The tensor NAME as a torch tensor in its own dtype (``rows``: only rows a..b of
+        dimension AXIS, which only dimensions of size 1 may precede). With BUFFER (large
+        enough), the bytes are read into it and the tensor is a view of it (valid until the
+        buffer is reused): no allocation per read."""
         import torch
 
         ent = self.entries[name]
         dtype = torch_dtype(ent.dtype)
         begin, nbytes, shape = ent.offset, ent.nbytes, ent.shape
         if rows is not None:
-            per_row = ent.nbytes // ent.shape[0]
+            if any(n != 1 for n in ent.shape[:axis]):
+                raise MoetoolError(f"internal: {name}: rows of dimension {axis} of {list(ent.shape)} are not contiguous")
+            per_row = ent.nbytes // ent.shape[axis]
             begin += rows[0] * per_row
             nbytes = (rows[1] - rows[0]) * per_row
-            shape = (rows[1] - rows[0],) + ent.shape[1:]
+            shape = ent.shape[:axis] + (rows[1] - rows[0],) + ent.shape[axis + 1:]
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         if buffer is None:
@@ -423,12 +428,12 @@ class _Combiner:
         self.ckpt = ckpt
         self.buffer = bytearray(0)
 
-    def _read(self, name: str, rows=None):
+    def _read(self, name: str, rows=None, axis: int = 0):
         ent = self.ckpt.entries[name]
-        need = ent.nbytes if rows is None else (rows[1] - rows[0]) * (ent.nbytes // ent.shape[0])
+        need = ent.nbytes if rows is None else (rows[1] - rows[0]) * (ent.nbytes // ent.shape[axis])
         if len(self.buffer) < need:
             self.buffer = bytearray(need)
-        return self.ckpt.read(name, rows=rows, buffer=self.buffer)
+        return self.ckpt.read(name, rows=rows, buffer=self.buffer, axis=axis)
 
     def expert_tensor(self, template: str, out: OutExpert, proj: str | None, dtype: str):
         import torch
@@ -455,17 +460,17 @@ class _Combiner:
                 acc.add_(scratch, alpha=w)
         return acc.to(torch_dtype(dtype))
 
-    def rows(self, name: str, outs: list[OutExpert], dtype: str):
+    def rows(self, name: str, outs: list[OutExpert], dtype: str, axis: int = 0):
         import torch
 
         pieces = []
         for out in outs:
             acc = None
             for src, w in zip(out.sources, out.row_weights or out.weights):
-                t = self._read(name, rows=(src, src + 1)).to(torch.float32, copy=True)  # not a view of the buffer
+                t = self._read(name, rows=(src, src + 1), axis=axis).to(torch.float32, copy=True)  # not a view of the buffer
                 acc = t.mul_(w) if acc is None else acc.add_(t, alpha=w)
             pieces.append(acc)
-        return torch.cat(pieces).to(torch_dtype(dtype))
+        return torch.cat(pieces, dim=axis).to(torch_dtype(dtype))
 
 
 def _check_plan(ckpt: Checkpoint, plan: SurgeryPlan) -> None:
@@ -531,15 +536,16 @@ def _plan_outputs(ckpt: Checkpoint, plan: SurgeryPlan) -> tuple[list[tuple[Path,
                     if not any(kind.expert in o.sources for o in layer_plan):
                         stats["dropped"] += 1
                 continue
-            # rows / fused: one row (dim 0) per input expert
-            if not ent.shape or ent.shape[0] != ckpt.rc.num_experts:
+            # rows / fused: one row per input expert (dim 0, or after dimensions of size 1)
+            axis = expert_axis(ent.shape, ckpt.rc.num_experts)
+            if axis is None:
                 raise MoetoolError(f"{ent.name}: expected {ckpt.rc.num_experts} rows (one per expert), "
                                    f"shape is {list(ent.shape)}")
             if all(o.is_copy for o in layer_plan):
-                outs.append(_row_copy_tensor(ckpt, ent, [o.anchor for o in layer_plan]))
+                outs.append(_row_copy_tensor(ckpt, ent, [o.anchor for o in layer_plan], axis))
             else:
                 _require_float(ent)
-                outs.append(_row_merge_tensor(combiner, ent, layer_plan))
+                outs.append(_row_merge_tensor(combiner, ent, layer_plan, axis))
             stats["rows"] += 1
         shards.append((path, outs))
     missing = sorted(n for n in needed_expert_names if n not in ckpt.entries)
@@ -563,8 +569,17 @@ def _copy_tensor(ckpt: Checkpoint, ent: HeaderEntry, out_name: str) -> OutTensor
     return OutTensor(out_name, ent.dtype, ent.shape, ent.nbytes, write, ent.nbytes)
 
 
-def _row_copy_tensor(ckpt: Checkpoint, ent: HeaderEntry, rows: list[int]) -> OutTensor:
-    per_row = ent.nbytes // ent.shape[0]
+def expert_axis(shape, num_experts: int) -> int | None:
+    """The dimension of SHAPE with one entry per expert: the first one that is not 1, if it
+    has NUM_EXPERTS entries (a [1, E] tensor holds its bytes as an [E] one does), else None."""
+    for d, n in enumerate(shape):
+        if n != 1:
+            return d if n == num_experts else None
+    return None
+
+
+def _row_copy_tensor(ckpt: Checkpoint, ent: HeaderEntry, rows: list[int], axis: int = 0) -> OutTensor:
+    per_row = ent.nbytes // ent.shape[axis]
 
     def write(fd: int) -> None:
         src = ckpt.fd(ent.file)
@@ -577,17 +592,17 @@ def _row_copy_tensor(ckpt: Checkpoint, ent: HeaderEntry, rows: list[int]) -> Out
             copy_range(src, fd, ent.offset + rows[i] * per_row, (j - i + 1) * per_row)
             i = j + 1
 
-    shape = (len(rows),) + ent.shape[1:]
+    shape = ent.shape[:axis] + (len(rows),) + ent.shape[axis + 1:]
     return OutTensor(ent.name, ent.dtype, shape, per_row * len(rows), write, ent.nbytes)
 
 
-def _row_merge_tensor(combiner: _Combiner, ent: HeaderEntry, outs: list[OutExpert]) -> OutTensor:
-    per_row = ent.nbytes // ent.shape[0]
+def _row_merge_tensor(combiner: _Combiner, ent: HeaderEntry, outs: list[OutExpert], axis: int = 0) -> OutTensor:
+    per_row = ent.nbytes // ent.shape[axis]
 
     def write(fd: int) -> None:
-        write_tensor_bytes(fd, combiner.rows(ent.name, outs, ent.dtype))
+        write_tensor_bytes(fd, combiner.rows(ent.name, outs, ent.dtype, axis))
 
-    shape = (len(outs),) + ent.shape[1:]
+    shape = ent.shape[:axis] + (len(outs),) + ent.shape[axis + 1:]
     return OutTensor(ent.name, ent.dtype, shape, per_row * len(outs), write, ent.nbytes)
 
 

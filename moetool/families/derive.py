@@ -486,7 +486,8 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
                 expert_ids[(etemplate, shape, role)][layer].add(int(ex.group(1)))
                 continue
         fused = role == "routed_experts" and len(shape) >= 2 and shape[0] == per_layer.get(layer, {}).get("experts")
-        expert_rows = role == "router" and layer in per_layer and len(shape) >= 1 and shape[0] in (
+        lead = next((n for n in shape if n != 1), None)  # [1, E] is laid out as [E] (ERNIE 4.5's bias)
+        expert_rows = role == "router" and layer in per_layer and lead is not None and lead in (
             per_layer[layer]["experts"], per_layer[layer]["router_rows"])
         group = "model" if layer is None else ("moe_layer" if role in ("router", "routed_experts") and layer in per_layer else "layer")
         groups[(group, template, shape, role, bool(fused), bool(expert_rows))].append(layer)
