@@ -52,8 +52,14 @@ def split_router_output(output, k: int, E: int):
         return output[2], output[1], output[0]  # transformers 5: (logits, weights, indices)
     tensors = [t for t in output if isinstance(t, torch.Tensor) and t.dim() >= 1]
     ids = next((t for t in tensors if not t.is_floating_point() and t.shape[-1] == k), None)
-    if ids is None:
-        return None, None, None
+    if ids is None:  # a dense [tokens, E] routing-weight tensor, zero off the chosen (Llama 4: scores, logits)
+        dense = next((t for t in tensors if t.is_floating_point() and t.shape[-1] == E > k
+                      and bool(((t != 0).sum(dim=-1) <= k).all())), None)
+        if dense is None:
+            return None, None, None
+        w, ids = torch.topk(dense, k, dim=-1)
+        lg = next((t for t in tensors if t.is_floating_point() and t.shape[-1] == E and t is not dense), None)
+        return ids, w, lg
     w = next((t for t in tensors if t.is_floating_point() and t.shape == ids.shape), None)
     lg = next((t for t in tensors if t.is_floating_point() and t.shape[-1] == E and t is not w), None)
     return ids, w, lg
