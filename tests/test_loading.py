@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import FIXTURES, TINY, assert_one_line_error, run_cli
+from oracles import router_weight
 from moetool.errors import MoetoolError
 from moetool.runtime.loading import (load_model, loaded_from_model, moe_blocks, parse_device_map, parse_max_memory,
                              parse_size)
@@ -34,9 +35,10 @@ def test_load_and_find_moe_blocks(fixture):
     assert lm.tokenizer is not None and lm.family.name == lm.rc.family.name
     blocks = moe_blocks(lm)
     assert [L for L, *_ in blocks] == list(lm.rc.moe_layers) and blocks
+    layout = next(lay for lay in lm.family.runtime_layouts if not lay.get("disk"))  # the module tree's names
     for L, block, router, experts in blocks:
-        assert block is lm.model.model.layers[L].mlp
-        assert router.weight.shape == (lm.rc.num_experts, lm.rc.hidden_size)
+        assert block is lm.model.get_submodule(layout["block"].replace("{L}", str(L)))  # mlp, feed_forward, ...
+        assert router_weight(router, lm.rc.num_experts).shape == (lm.rc.num_experts, lm.rc.hidden_size)
         assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == lm.rc.num_experts
     info = lm.load_info()
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
@@ -286,7 +288,9 @@ def test_load_in_4bit_runs_every_fixture_on_each_cpu_path(monkeypatch, fixture, 
     for name, layer in linear4bit_layers(lm.model):
         assert quant.linear4bit_problem(layer.out_features, layer.in_features, "cpu") is None, name
     for k in lm.quant_report["kept_in_compute_dtype"]:
-        assert type(modules[k["module"]]) is nn.Linear and quant.linear4bit_problem(*k["shape"], "cpu") == k["reason"]
+        kept = modules[k["module"]]  # nn.Linear, or a router that is one (Phi-3.5-MoE, Llama 4)
+        assert isinstance(kept, nn.Linear) and not type(kept).__module__.startswith("bitsandbytes")
+        assert quant.linear4bit_problem(*k["shape"], "cpu") == k["reason"]
     assert _next_token_kl(loaded(str(fixture)).model, lm.model, lm.tokenizer) < _max_kl(fixture)
 
 

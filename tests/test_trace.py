@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import struct
 import subprocess
@@ -48,12 +49,19 @@ def _recompute_block(block, layout: dict, experts, x: torch.Tensor, ids: np.ndar
         # the recorded routing (what this test checks)
         return experts(x, ids_t, w_t.to(x.dtype))
     out = torch.zeros_like(x)
-    for j in range(ids_t.shape[1]):
-        gu = torch.einsum("th,tih->ti", x, experts.gate_up_proj[ids_t[:, j]])
-        gate, up = gu.chunk(2, dim=-1)
-        h = experts.act_fn(gate) * up
-        y = torch.einsum("ti,thi->th", h, experts.down_proj[ids_t[:, j]])
-        out += y * w_t[:, j:j + 1]
+    if len(inspect.signature(experts.forward).parameters) == 1:
+        # Llama 4: every expert takes every token, scaled by its routing weight (0 where not
+        # chosen), through transformers' own expert math ([E, H, 2I] weights, batched)
+        E = experts.gate_up_proj.shape[0]
+        scores = torch.zeros(x.shape[0], E, dtype=x.dtype).scatter_(1, ids_t, w_t.to(x.dtype))
+        out = experts(x.repeat(E, 1) * scores.T.reshape(-1, 1)).reshape(E, x.shape[0], -1).sum(0)
+    else:
+        for j in range(ids_t.shape[1]):
+            gu = torch.einsum("th,tih->ti", x, experts.gate_up_proj[ids_t[:, j]])
+            gate, up = gu.chunk(2, dim=-1)
+            h = experts.act_fn(gate) * up
+            y = torch.einsum("ti,thi->th", h, experts.down_proj[ids_t[:, j]])
+            out += y * w_t[:, j:j + 1]
     if layout.get("shared"):
         shared = block.get_submodule(layout["shared"])(x)
         gate_mod = getattr(block, "shared_expert_gate", None)

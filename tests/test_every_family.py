@@ -1,0 +1,203 @@
+"""Every command on every fixture (issue #13's proof): each tiny checkpoint under fixtures/
+(`tiny-*` for the curated families, `derived-*` for families moetool reads off transformers) is
+counted, traced, pruned, merged, evaluated and planned as a user would (the library functions
+the commands call), and each result is checked against an independent truth:
+
+- params: the count from the safetensors headers equals transformers' model on the meta device;
+- trace: the per-layer expert counts equal what each experts module received, captured here by a
+  forward pre-hook of this test's own on the experts modules of a model loaded with transformers;
+- prune: the pruned checkpoint's logits equal the original's with the dropped experts masked out
+  of routing (tests/oracles.py), with the config changes the prune made (other than the expert
+  count) applied to the original;
+- merge-experts: the output loads with from_pretrained, no missing or unexpected keys, and runs;
+- eval: runs, finite loss; plan: runs on the trace.
+
+Fixtures are found by globbing, so a new fixture is covered by adding it to fixtures/make_tiny.py.
+Where a family cannot be done safely the command refuses in one line: REFUSED lists those, and
+the test asserts exactly that refusal."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from oracles import routing_mask
+
+ALL = sorted(p for pattern in ("tiny-*", "derived-*") for p in FIXTURES.glob(pattern) if p.is_dir())
+IDS = [p.name for p in ALL]
+TEXT = ("def route(tokens):\n    return sorted(tokens, key=len)\n"
+        "The router sends each token to two experts; their outputs are mixed by weight.")
+# fixture -> command -> the words its one-line refusal must contain (a deliberate, documented refusal)
+REFUSED: dict[str, dict[str, str]] = {}
+
+
+def _refusal(fixture: Path, command: str):
+    return REFUSED.get(fixture.name, {}).get(command)
+
+
+@lru_cache(maxsize=None)
+def _config(path: str) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def _trace(path: str):
+    """One trace per fixture (with router logits, for merge's router similarity), saved once."""
+    import tempfile
+
+    from moetool.trace import trace_model
+
+    trace, loaded = trace_model(path, [TEXT], logits=True)
+    file = Path(tempfile.mkdtemp(prefix="every-family-")) / "t.trace"
+    trace.save(file)
+    return trace, str(file), loaded.rc.num_experts
+
+
+def _experts_modules(model) -> list:
+    """transformers' experts modules, found without moetool: a module whose class name ends in
+    "Experts" and that holds 3-D (fused, one slice per expert) parameters, in module order."""
+    return [m for _n, m in model.named_modules()
+            if type(m).__name__.endswith("Experts") and any(p.dim() == 3 for p in m.parameters(recurse=False))]
+
+
+def _counts_from_experts_inputs(args, E: int) -> np.ndarray:
+    """Tokens each expert received, read off the experts module's own inputs: the top-k index
+    tensor where the module takes one, else (Llama 4: every expert gets every token, scaled by
+    its routing score, 0 for experts not chosen) the non-zero rows of each expert's slice."""
+    import torch
+
+    index = next((a for a in args[1:] if isinstance(a, torch.Tensor) and not a.is_floating_point()), None)
+    if index is not None:
+        return np.bincount(index.reshape(-1).numpy().astype(np.int64), minlength=E)
+    rows = args[0].reshape(E, -1, args[0].shape[-1])
+    return (rows != 0).any(dim=-1).sum(dim=1).numpy()
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=IDS)
+def test_params_from_headers_equals_transformers(fixture):
+    from moetool.derive import build_meta_model, hf_config_for, meta_count
+    from moetool.params import count_params
+
+    report = count_params(str(fixture))
+    assert report["source"] == "checkpoint" and report["warnings"] == []  # every tensor on disk classified
+    assert report["total"] == meta_count(build_meta_model(hf_config_for(_config(str(fixture)))))
+    assert sum(r["total"] for r in report["roles"].values()) == report["total"]
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=IDS)
+def test_trace_counts_equal_the_experts_modules_inputs(fixture):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trace, _file, E = _trace(str(fixture))
+    model = AutoModelForCausalLM.from_pretrained(fixture).eval()
+    experts = _experts_modules(model)
+    seen: list[np.ndarray] = [None] * len(experts)
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, _counts_from_experts_inputs(args, E)))
+             for i, m in enumerate(experts)]
+    ids = AutoTokenizer.from_pretrained(fixture)(TEXT, return_tensors="pt")
+    try:
+        with torch.no_grad():
+            model(**ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(experts) == len(trace.moe_layers) > 0
+    assert trace.tokens == ids["input_ids"].numel()
+    for L, counts in zip(trace.moe_layers, seen):
+        recorded = np.bincount(trace.experts[L].astype(np.int64).ravel(), minlength=E)
+        assert recorded.tolist() == counts.tolist(), f"layer {L}"
+        assert recorded.sum() == trace.tokens * trace.top_k
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=IDS)
+def test_pruned_equals_original_with_dropped_experts_masked(fixture, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moetool.errors import MoetoolError
+    from moetool.prune import prune_checkpoint
+
+    E = _trace(str(fixture))[2]
+    keep = E // 2
+    out = tmp_path / "pruned"
+    if (needle := _refusal(fixture, "prune")):
+        with pytest.raises(MoetoolError, match=needle) as exc:
+            prune_checkpoint(str(fixture), str(out), keep=keep, by="random", seed=7, progress=False)
+        assert "\n" not in str(exc.value) and not out.exists()
+        return
+    try:
+        result = prune_checkpoint(str(fixture), str(out), keep=keep, by="random", seed=7, progress=False)
+    except MoetoolError as exc:  # routing groups that cannot be cut evenly: refused unless --regroup
+        assert "--regroup" in str(exc) and "\n" not in str(exc)
+        result = prune_checkpoint(str(fixture), str(out), keep=keep, by="random", seed=7, regroup=True, progress=False)
+    kept = {row["layer"]: row["kept"] for row in result["selection"]["layers"]}
+    # the original, told what the prune changed besides the expert count (group limits, top-k)
+    changes = {k: v["to"] for k, v in result["config_changes"].items() if (v["from"], v["to"]) != (E, keep)}
+    pruned, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing / unexpected / mismatched keys
+    original = AutoModelForCausalLM.from_pretrained(fixture, **changes).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(4, pruned.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        unmasked = original(ids).logits
+        with routing_mask(original, kept):
+            want = original(ids).logits
+        got = pruned.eval()(ids).logits
+    diff = (want - got).abs().max().item()
+    assert diff < 1e-4, diff
+    assert (unmasked - got).abs().max().item() > 100 * max(diff, 1e-6)  # masking mattered
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=IDS)
+def test_merged_checkpoint_loads_and_runs(fixture, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moetool.errors import MoetoolError
+    from moetool.merge import merge_checkpoint
+
+    _trace_obj, trace_file, E = _trace(str(fixture))
+    out = tmp_path / "merged"
+    kw = dict(similarity="router", trace=trace_file, progress=False)
+    if (needle := _refusal(fixture, "merge-experts")):
+        with pytest.raises(MoetoolError, match=needle) as exc:
+            merge_checkpoint(str(fixture), str(out), E // 2, **kw)
+        assert "\n" not in str(exc.value) and not out.exists()
+        return
+    try:
+        result = merge_checkpoint(str(fixture), str(out), E // 2, **kw)
+    except MoetoolError as exc:
+        assert "--regroup" in str(exc) and "\n" not in str(exc)
+        result = merge_checkpoint(str(fixture), str(out), E // 2, regroup=True, **kw)
+    assert result["num_experts"]["after"] == E // 2
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.tensor([[5, 6, 7, 8, 9, 10]])).logits).all()
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=IDS)
+def test_eval_runs(fixture, tmp_path):
+    from moetool.evaluate import evaluate_models
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 2)
+    result = evaluate_models([str(fixture)], str(text), max_tokens=48, progress=False)
+    row = result["models"][0]
+    assert row["tokens"] == 47 and np.isfinite(row["nll"]) and row["nll"] > 0
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=IDS)
+def test_plan_runs_on_the_trace(fixture):
+    from moetool.plan import plan
+
+    trace, trace_file, _E = _trace(str(fixture))
+    report = plan(str(fixture), gpu_memory="1MB", trace=trace_file).report
+    assert report["family"] == _config(str(fixture))["model_type"]
+    assert report["routing"]["source"] == "trace" and report["routing"]["tokens"] == trace.tokens
