@@ -142,3 +142,21 @@ def unforce_eager(module) -> None:
         del module.__dict__["forward"]
     elif isinstance(module.__dict__.get("_old_forward"), EagerForward):
         module._old_forward = types.MethodType(type(module).forward, module)
+
+
+def disk_name_function(model):
+    """name -> the name ``save_pretrained`` writes a parameter of MODEL under: transformers' own
+    checkpoint renamings reversed (ERNIE 4.5 keeps ``mlp.gate.moe_statics`` at
+    ``mlp.moe_statics`` on disk). The identity where the model has none or they cannot be read
+    (transformers.conversion_mapping / core_model_loading, 5.x)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+        renamings = [r for r in (c.reverse_transform() for c in conversions[::-1]) if isinstance(r, WeightRenaming)]
+    except Exception:  # a transformers without these helpers: names as they are
+        return lambda name: name
+    if not renamings:
+        return lambda name: name
+    return lambda name: apply_renamings(name, renamings)

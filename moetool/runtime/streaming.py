@@ -63,6 +63,9 @@ class LayerReader:
         self.quant_bits: int | None = None  # 4 / 8: quantize each layer's experts as it is read (moetool.runtime.quant.bnb)
         self.quant_report: dict | None = None
         self._quantized: dict[int, dict] = {}
+        from moetool.runtime.hf_compat import disk_name_function
+
+        self._disk_name = disk_name_function(model)  # transformers' own renamings, reversed
 
     # -- the plan: target parameter -> how to build it from disk --------------------------------------
     def _alternatives(self, name: str) -> list[str]:
@@ -116,7 +119,8 @@ class LayerReader:
             target = full + name
             src = self.entries.get(target)
             if src is None:
-                src = next((self.entries[a] for a in self._alternatives(target) if a in self.entries), None)
+                src = next((self.entries[a] for a in self._alternatives(target) + [self._disk_name(target)]
+                            if a in self.entries), None)
             if src is not None:
                 plan[name] = ("copy", src)
                 continue
