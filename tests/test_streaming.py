@@ -25,9 +25,26 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "def forward(self, hidd
          "Mixture-of-experts models route every token to a few experts, and the rest stay idle."]
 
 
+# fixtures whose family refuses here, with the words of its one-line refusal
+NO_LAYERWISE = {"tiny-glm-moe-dsa": "cannot run one layer at a time"}  # layers pass the indexer's top-k on
+NO_EXPERT_PROBE = {"tiny-llama4": "takes only hidden states"}  # experts get every token, pre-scaled
+
+
 @lru_cache(maxsize=None)
 def resident(path: str):
     return load_model(path)
+
+
+def _refused(fixture) -> bool:
+    """True (after checking the refusal) where FIXTURE's family cannot be streamed."""
+    from moetool.errors import MoetoolError
+
+    needle = NO_LAYERWISE.get(fixture.name)
+    if needle:
+        with pytest.raises(MoetoolError, match=needle) as exc:
+            load_model(str(fixture), stream=True)
+        assert "\n" not in str(exc.value)
+    return bool(needle)
 
 
 def _same_routing(a, b):
@@ -44,6 +61,8 @@ def _same_routing(a, b):
 def test_streamed_layers_hold_exactly_the_resident_weights(fixture):
     """Every parameter a streamed layer gets from disk (renamed, per-expert matrices fused into
     transformers' 3-D tensors) equals what transformers' own loader put there."""
+    if _refused(fixture):
+        return
     ref = resident(str(fixture)).model.state_dict()
     lm = load_model(str(fixture), stream=True)
     reader = lm.layer_reader
@@ -58,6 +77,8 @@ def test_streamed_layers_hold_exactly_the_resident_weights(fixture):
 
 @pytest.mark.parametrize("fixture", ALL, ids=[p.name for p in ALL])
 def test_streamed_trace_routes_every_token_like_the_resident_model(fixture):
+    if _refused(fixture):
+        return
     from moetool.analysis.trace import record_trace
 
     ref = record_trace(resident(str(fixture)), TEXTS, logits=True, batch_size=2)
@@ -70,6 +91,14 @@ def test_streamed_trace_routes_every_token_like_the_resident_model(fixture):
 @pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
 def test_streamed_reap_and_expert_outputs_match(fixture, tmp_path):
     from moetool.compression.prune import calibrate
+    from moetool.errors import MoetoolError
+
+    if _refused(fixture):
+        return
+    if fixture.name in NO_EXPERT_PROBE:
+        with pytest.raises(MoetoolError, match=NO_EXPERT_PROBE[fixture.name]):
+            calibrate(str(fixture), TEXTS, None, 2, {}, reap=True, outputs=True, logits=False)
+        return
 
     f = tmp_path / "calib.txt"
     f.write_text("\n".join(TEXTS))
@@ -86,6 +115,8 @@ def test_streamed_reap_and_expert_outputs_match(fixture, tmp_path):
 
 @pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
 def test_streamed_eval_gives_the_same_loss(fixture, tmp_path):
+    if _refused(fixture):
+        return
     from moetool.analysis.evaluate import evaluate_models
 
     f = tmp_path / "text.txt"

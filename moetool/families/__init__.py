@@ -132,6 +132,16 @@ class Family:
     def runtime_layouts(self) -> list[dict]:
         return self.spec["runtime"]["layouts"]
 
+    @property
+    def unpadded(self) -> str | None:
+        """Why the model must see one sequence at a time (padding changes its results), or None."""
+        return self.spec["runtime"].get("unpadded")
+
+    @property
+    def layerwise_unsupported(self) -> str | None:
+        """Why the model cannot run one decoder layer at a time (--stream, heal), or None."""
+        return self.spec["runtime"].get("layerwise_unsupported")
+
     def resolve(self, config: dict) -> ResolvedConfig:
         from moetool.families.validate import resolve_validated  # every field moetool uses, checked
 

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moetool.errors import MoetoolError
+from moetool.errors import MoetoolError, first_line
 
 
 @dataclass
@@ -166,7 +166,9 @@ class Executor:
         if streamed and mode == "whole":
             raise MoetoolError("a streamed model runs one layer at a time (mode layerwise)")
         self.mode = mode
-        self.batch_size = batch_size
+        rc = getattr(loaded, "rc", None)
+        self.unpadded = rc.family.unpadded if rc is not None else None  # padding would change its results
+        self.batch_size = 1 if self.unpadded else batch_size
         self.order = order
         self.pad_id = pad_id if pad_id is not None else (pad_id_of(loaded) if hasattr(loaded, "rc") else 0)
         self.left_pad = left_pad
@@ -346,6 +348,10 @@ class Executor:
                     self.forward(batch, logits=False)
                 except _Stop:
                     pass
+                except (TypeError, ValueError) as exc:  # the model wants more than hidden states back
+                    raise MoetoolError("the model's decoder layers pass more than hidden states to each other "
+                                       f"({first_line(exc)}); it cannot run one layer at a time: run it with "
+                                       "--no-stream") from exc
         finally:
             self.busy = False
         if "h" not in seen or (n - 1) not in seen:
@@ -354,6 +360,11 @@ class Executor:
 
     def _run_layerwise(self, observers, prog, total: int) -> None:
         import torch
+
+        rc = getattr(self.loaded, "rc", None)
+        why = rc.family.layerwise_unsupported if rc is not None else None
+        if why:
+            raise MoetoolError(f"a {rc.family.name} model cannot run one layer at a time: {why}")
 
         layers = self._layers()
         n = len(layers)

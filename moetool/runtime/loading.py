@@ -264,8 +264,12 @@ def load_model(
         raise MoetoolError("--resume needs --run-dir DIR (where the interrupted run kept its checkpoints)")
     torch_dtype = _torch_dtype(dtype)
     budget = parse_max_memory(max_memory)
+    no_layerwise = rc.family.layerwise_unsupported
+    if stream and no_layerwise:
+        raise MoetoolError(f"{model}: a {rc.family.name} model cannot run one layer at a time: {no_layerwise} "
+                           "(run it with --no-stream)")
     if stream is None:
-        stream = _choose_stream(model, source, budget, device_map, load_in_4bit or load_in_8bit)
+        stream = not no_layerwise and _choose_stream(model, source, budget, device_map, load_in_4bit or load_in_8bit)
     run = {"run_dir": run_dir, "resume": bool(resume)}
     if budget is not None:
         run["activation_budget"] = int(sum(v for k, v in budget.items() if k != "disk"))
