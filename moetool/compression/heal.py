@@ -283,6 +283,18 @@ def run_block(block, x, grad: bool = False):
     return torch.cat(outs)
 
 
+def check_experts_take_routing(experts, family: str) -> None:
+    """Heal refits the experts from the (indices, weights) their module is called with: refuse a
+    family whose experts module takes only hidden states (Llama 4: each expert sees every token,
+    scaled by its routing score before the call)."""
+    from moetool.runtime.observers import experts_take_indices
+
+    if not experts_take_indices(experts):
+        raise MoetoolError(f"cannot heal a {family} model: its experts module takes only hidden states (the routing "
+                           "is applied before it), and heal refits the experts from the expert indices and "
+                           "weights they are called with")
+
+
 class _RoutingProbe:
     """Hooks on a block's experts module: the (indices, weights) it was called with and what it
     returned, so that the rest of the block's output (shared experts) is known."""
@@ -638,6 +650,10 @@ def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOption
     memory. Returns one row per MoE layer."""
     from moetool.runtime.executor import Executor
 
+    from moetool.runtime.loading import moe_blocks
+
+    for _L, _block, _router, experts in moe_blocks(loaded):  # before any work: one line, not a failed run
+        check_experts_take_routing(experts, loaded.family.name)
     for m in (loaded.model, ref_loaded.model):
         _eager_experts(m)
     observer = HealObserver(ref_loaded, loaded, opts, log)
@@ -884,6 +900,9 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         raise MoetoolError(f"{compressed} and --ref {ref} do not have the same family and layers")
     if not rc.moe_layers:
         raise MoetoolError(f"{compressed}: no MoE layers to heal")
+    if rc.family.layerwise_unsupported:
+        raise MoetoolError(f"cannot heal a {rc.family.name} model: heal runs it one layer at a time, and "
+                           f"{rc.family.layerwise_unsupported}")
     texts = read_texts((), file)
     load_options = dict(load_options or {})
     if load_options.pop("stream", None) or load_options.pop("run_dir", None) or load_options.pop("resume", None):

@@ -39,6 +39,16 @@ def experts_take_routing(experts) -> bool:
     return len(params) >= 3 and params[1] == "top_k_index" and params[2] == "top_k_weights"
 
 
+def experts_take_indices(experts) -> bool:
+    """Whether EXPERTS is called with the routing (hidden states, expert indices, weights), under
+    whatever names (gpt-oss: router_indices, routing_weights); False for an experts module that
+    takes only hidden states (Llama 4: every expert gets every token, scaled before the call)."""
+    try:
+        return len(inspect.signature(experts.forward).parameters) >= 3
+    except (TypeError, ValueError):
+        return True
+
+
 def split_router_output(output, k: int, E: int):
     """(ids, weights, logits) from what a router returned; any may be None."""
     import torch
@@ -282,6 +292,11 @@ class ExpertProbe(Observer):
         if not (self.want_reap or self.want_outputs):
             return
         for L, _block, _router, experts in self.blocks:  # gpt-oss names them (hidden, router_indices, routing_weights)
+            if not experts_take_indices(experts):
+                raise MoetoolError("REAP scores and expert-output similarity run each expert on its own tokens, and "
+                                   f"this model's experts module takes only hidden states (the routing is applied "
+                                   "before it): use --by frequency, weight or random (merge: --similarity router "
+                                   "or weight)")
             hooks.pre(experts, self._hook(L), with_kwargs=True)
 
     def _hook(self, L: int):
