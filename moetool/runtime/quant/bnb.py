@@ -308,6 +308,19 @@ def _weight_class():
             """The whole [E, out, in] weight in ``dtype`` (a temporary of the full size)."""
             return torch.stack([self.expert(e, device) for e in range(self.num_experts)])
 
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            """An experts module that uses the whole 3-D weight at once (Llama 4's
+            ``torch.bmm(hidden, self.gate_up_proj)``): the weight dequantized for the call, a
+            temporary of one layer's experts in the compute dtype, on the other inputs' device."""
+            kwargs = kwargs or {}
+            device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+
+            def plain(a):
+                return a.dequantize(device) if isinstance(a, cls) else a
+
+            return func(*(plain(a) for a in args), **{k: plain(v) for k, v in kwargs.items()})
+
         def _apply(self, fn, recurse=True):
             # model.to(device) moves the codes; model.to(dtype)/.half()/.float() change the
             # dtype experts are dequantized to, never the codes or the float32 absmax
@@ -774,6 +787,29 @@ def flatten_int8_inputs(model) -> int:
     return count
 
 
+def _contiguous_pre_hook(module, args):
+    x = args[0] if args else None
+    if x is None or not hasattr(x, "is_contiguous") or x.is_contiguous():
+        return None
+    return (x.contiguous(), *args[1:])
+
+
+def contiguous_4bit_inputs(model) -> int:
+    """bitsandbytes' AVX512-BF16 CPU kernel for 4-bit ``nn.Linear`` (``gemv_4bit``, 0.50) reads a
+    non-contiguous input as if it were contiguous: Jamba's Mamba ``out_proj`` gets a transposed
+    view and returned values off by up to 2.6 on a random [22, 64] input. Give every bitsandbytes
+    4-bit layer a contiguous input (a forward pre-hook, once per layer; a copy only where the
+    input is a view). Returns how many layers got it."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit" or getattr(module, "_moetool_contiguous", False):
+            continue
+        module.register_forward_pre_hook(_contiguous_pre_hook)
+        module._moetool_contiguous = True
+        count += 1
+    return count
+
+
 def _skeleton(model_id_or_path, kwargs: dict):
     """MODEL built on the meta device from its config (no weights read)."""
     import torch
@@ -952,6 +988,8 @@ def _load_quantized(model_id_or_path, bits: int, dtype, device_map, quant_type: 
     load_seconds = time.perf_counter() - start
     model.eval()
     flattened = flatten_int8_inputs(model) if bits == 8 else 0
+    if bits == 4:
+        contiguous_4bit_inputs(model)
     if quantize_experts_too:
         after = quantize_experts(model, bits=bits, quant_type=quant_type, blocksize=blocksize, skip_modules=skip)
     else:
