@@ -104,6 +104,7 @@ def test_every_family_distills_or_is_refused(tiny_fixture, text, tmp_path):
         with pytest.raises(MoetoolError, match="cannot distill") as exc:
             distill(str(tiny_fixture), out, [text], steps=2, **SMALL)
         assert "\n" not in str(exc.value) and not out.exists()
+        assert str(exc.value).endswith("families that can be distilled: " + ", ".join(sorted(SIBLING)))
         return
     result = distill(str(tiny_fixture), out, [text], steps=2, **SMALL)
     assert len(result["history"]) == 2 and all(h["kl"] >= 0 for h in result["history"])

@@ -50,7 +50,7 @@ def _trace(path: str):
     """One trace per fixture (with router logits, for merge's router similarity), saved once."""
     import tempfile
 
-    from moetool.trace import trace_model
+    from moetool.analysis.trace import trace_model
 
     trace, loaded = trace_model(path, [TEXT], logits=True)
     file = Path(tempfile.mkdtemp(prefix="every-family-")) / "t.trace"
@@ -80,8 +80,8 @@ def _counts_from_experts_inputs(args, E: int) -> np.ndarray:
 
 @pytest.mark.parametrize("fixture", ALL, ids=IDS)
 def test_params_from_headers_equals_transformers(fixture):
-    from moetool.derive import build_meta_model, hf_config_for, meta_count
-    from moetool.params import count_params
+    from moetool.families.derive import build_meta_model, hf_config_for, meta_count
+    from moetool.analysis.params import count_params
 
     report = count_params(str(fixture))
     assert report["source"] == "checkpoint" and report["warnings"] == []  # every tensor on disk classified
@@ -121,7 +121,7 @@ def test_pruned_equals_original_with_dropped_experts_masked(fixture, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from moetool.errors import MoetoolError
-    from moetool.prune import prune_checkpoint
+    from moetool.compression.prune import prune_checkpoint
 
     E = _trace(str(fixture))[2]
     keep = E // 2
@@ -160,7 +160,7 @@ def test_merged_checkpoint_loads_and_runs(fixture, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from moetool.errors import MoetoolError
-    from moetool.merge import merge_checkpoint
+    from moetool.compression.merge import merge_checkpoint
 
     _trace_obj, trace_file, E = _trace(str(fixture))
     out = tmp_path / "merged"
@@ -184,7 +184,7 @@ def test_merged_checkpoint_loads_and_runs(fixture, tmp_path):
 
 @pytest.mark.parametrize("fixture", ALL, ids=IDS)
 def test_eval_runs(fixture, tmp_path):
-    from moetool.evaluate import evaluate_models
+    from moetool.analysis.evaluate import evaluate_models
 
     text = tmp_path / "t.txt"
     text.write_text(TEXT * 2)
@@ -195,9 +195,43 @@ def test_eval_runs(fixture, tmp_path):
 
 @pytest.mark.parametrize("fixture", ALL, ids=IDS)
 def test_plan_runs_on_the_trace(fixture):
-    from moetool.plan import plan
+    from moetool.analysis.plan import plan
 
     trace, trace_file, _E = _trace(str(fixture))
     report = plan(str(fixture), gpu_memory="1MB", trace=trace_file).report
     assert report["family"] == _config(str(fixture))["model_type"]
     assert report["routing"]["source"] == "trace" and report["routing"]["tokens"] == trace.tokens
+
+
+# distill makes the dense sibling a family's spec describes; the others are refused, naming these
+DISTILLABLE = ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("fixture", ALL, ids=IDS)
+def test_distill_refusal_names_the_families_that_can_be_distilled(fixture, tmp_path):
+    """A family without a dense sibling is refused in one line, before anything is loaded, with
+    the families that can be distilled (those are run in tests/test_distill.py)."""
+    from moetool.compression.distill import distill
+    from moetool.errors import MoetoolError
+    from moetool.families import family_for_config
+
+    if family_for_config(_config(str(fixture))).name in DISTILLABLE:
+        pytest.skip("distilled in tests/test_distill.py")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "student"
+    with pytest.raises(MoetoolError) as exc:
+        distill(str(fixture), out, [text], steps=1, progress=False)
+    message = str(exc.value)
+    assert "\n" not in message and not out.exists()
+    assert message.startswith("cannot distill ")
+    assert message.endswith("families that can be distilled: " + ", ".join(DISTILLABLE))
+
+
+def test_distill_refusal_on_the_command_line(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    derived = next(p for p in ALL if p.name.startswith("derived-"))
+    result = run_cli("distill", derived, "--out", tmp_path / "s", "--file", FIXTURES.parent / "README.md")
+    assert result.returncode == 2
+    assert_one_line_error(result, "families that can be distilled: " + ", ".join(DISTILLABLE))

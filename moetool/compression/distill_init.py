@@ -65,14 +65,26 @@ _DROP_ALWAYS = ("transformers_version", "auto_map", "quantization_config", "arch
 
 
 # -- the sibling and its config -------------------------------------------------------------------
+def _has_sibling(spec: dict) -> bool:
+    return bool(spec.get("model_type") and spec.get("mlp") and not spec.get("unsupported"))
+
+
+def distillable_families() -> list[str]:
+    """The families whose spec describes a dense sibling in transformers (what distill can make)."""
+    from moetool.families import all_families
+
+    return sorted(name for name, fam in all_families().items() if _has_sibling(fam.spec.get("dense_sibling") or {}))
+
+
 def sibling_spec(family) -> dict:
-    """The family's ``dense_sibling`` entry, or a one-line MoetoolError saying why there is none."""
+    """The family's ``dense_sibling`` entry, or a one-line MoetoolError saying why there is none
+    and which families can be distilled."""
     spec = family.spec.get("dense_sibling") or {}
-    if spec.get("unsupported"):
-        raise MoetoolError(f"cannot distill {family.name} into a dense model: {spec['unsupported']}")
-    if not spec.get("model_type") or not spec.get("mlp"):
-        raise MoetoolError(f"cannot distill {family.name}: its family spec names no dense sibling")
-    return spec
+    if _has_sibling(spec):
+        return spec
+    why = spec.get("unsupported") or "its family spec names no dense sibling"
+    raise MoetoolError(f"cannot distill {family.name} into a dense model: {why}; "
+                       f"families that can be distilled: {', '.join(distillable_families())}")
 
 
 def default_width(rc) -> int:
