@@ -504,251 +504,337 @@ def distill(model: str, out: str, files: list[str], **kwargs) -> dict:
     return _run(model, opts, source, rc, spec, texts, eval_texts)
 
 
+@dataclass
+class _Session:
+    """What the phases of one distill run share: the options, the teacher, the processes."""
+
+    model: str
+    opts: DistillOptions
+    source: Any
+    rc: Any
+    accelerator: Any
+    timings: dict = field(default_factory=dict)
+    loaded: Any = None  # the teacher (moetool.runtime.loading.LoadedModel); .model is None once cached
+    streamed: bool = False
+    temporary_cache: bool = False
+    resume_from: Path | None = None
+    state: dict | None = None  # the resumed checkpoint's distill_state.json
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
+@dataclass
+class _HeldOut:
+    """This process's share of the held-out blocks and the teacher's reference on them."""
+
+    blocks: Any = None
+    valid: Any = None
+    topk: int | None = None
+    ref: Any = None
+
+
 def _run(model, opts, source, rc, spec, texts, eval_texts) -> dict:
-    import torch
     from accelerate import Accelerator
-
-    from moetool.compression import distill_init as di
-    from moetool.runtime.loading import load_model, temporary_dir
-
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # moetool shows its own
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    accelerator = Accelerator(cpu=_cpu_distributed())
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    device = accelerator.device
-    ckpt_dir = _checkpoint_dir(opts)
-    resume_from = _latest_checkpoint(ckpt_dir) if opts.resume else None
+    from moetool.compression import distill_init as di
 
-    loaded = load_model(model, **opts.load_options)
-    teacher = loaded.model
-    streamed = loaded.layer_reader is not None
-    if streamed and opts.hidden_loss > 0:  # streamed by itself (the teacher does not fit)
-        raise MoetoolError(f"{model}: the teacher does not fit in memory and is streamed one layer at a time; "
+    hf_logging.disable_progress_bar()  # moetool shows its own
+    t0 = time.perf_counter()
+    run = _Session(model, opts, source, rc, Accelerator(cpu=_cpu_distributed()))
+    run.resume_from = _latest_checkpoint(_checkpoint_dir(opts)) if opts.resume else None
+    _load_teacher(run)
+    run.timings["load_s"] = time.perf_counter() - t0
+    train_ids, blocks, eval_blocks = _token_blocks(run, texts, eval_texts)
+    width = run.opts.intermediate_size or di.default_width(rc)
+    cfg = di.student_config(source.config, rc, width)
+    student = di.build_student(cfg, run.opts.seed)
+    identity = _teacher_identity(source, str((run.opts.load_options or {}).get("dtype", "auto")))
+    fingerprint = _run_fingerprint(run, identity, blocks, cfg)
+    order = _Order(blocks.shape[0], run.opts.seed, run.opts.batch_size, run.opts.grad_accum, run.world)
+    with _progress(run.opts.progress and run.main) as progress:
+        init_rows, usage_source = _initialise(run, student, blocks, fingerprint)
+        held = _held_out(run, student, eval_blocks)
+        cache = _teacher_cache(run, blocks, order, identity, progress)
+        student, training = _train(run, student, blocks, order, cache, held, progress,
+                                   {"fingerprint": fingerprint, "init_rows": init_rows, "usage_source": usage_source})
+    result = {
+        "teacher": source.name,
+        "teacher_family": rc.family.name,
+        "out": str(run.opts.out),
+        "student": {
+            "model_type": cfg["model_type"], "architectures": cfg["architectures"], "intermediate_size": width,
+            "default_intermediate_size": di.default_width(rc),
+            "params": int(sum(p.numel() for p in student.parameters())),
+        },
+        "teacher_streamed": run.streamed,
+        "init": {"method": run.opts.init, "usage": usage_source, "layers": init_rows},
+        "data": {
+            "files": [f for f, _ in texts], "tokens": len(train_ids), "blocks": int(blocks.shape[0]),
+            "eval_files": [f for f, _ in eval_texts],
+            "eval_tokens": int(eval_blocks.numel()) if eval_blocks is not None else 0,
+            "eval_kl": None if eval_blocks is None else (
+                "exact (full vocabulary)" if held.topk is None else
+                f"over the teacher's top-{held.topk} tokens plus one bin for the rest (a lower bound)"),
+        },
+        "training": _training_summary(run, order, training),
+        "history": training["history"],
+        "eval": training["evals"],
+        "timings": {k: round(v, 3) for k, v in run.timings.items()},
+        "process_index": run.rank,
+    }
+    if teacher_params := _teacher_params(run.loaded, source):
+        result["teacher_params"] = teacher_params
+    _write_output(run.accelerator, student, run.loaded.tokenizer, source, run.opts, result)
+    return result
+
+
+def _load_teacher(run: _Session) -> None:
+    """The teacher, frozen, on this process's device (or streamed layer by layer, with a top-K
+    cache it runs into once: a streamed teacher cannot run every training step)."""
+    from moetool.runtime.loading import load_model, temporary_dir
+
+    opts = run.opts
+    run.loaded = load_model(run.model, **(opts.load_options or {}))
+    run.streamed = run.loaded.layer_reader is not None
+    if run.streamed and opts.hidden_loss > 0:  # streamed by itself (the teacher does not fit)
+        raise MoetoolError(f"{run.model}: the teacher does not fit in memory and is streamed one layer at a time; "
                            "--hidden-loss needs its hidden states every step (drop it, or give --no-stream)")
-    temporary_cache = streamed and not opts.cache_teacher
-    if temporary_cache:
-        # a streamed teacher runs once over the training text, into a top-K cache: not per step
-        opts = dataclasses.replace(opts, cache_teacher=temporary_dir("moetool-teacher-cache-"))
-    if not streamed and not (opts.load_options or {}).get("device_map") \
-            and not (opts.load_options or {}).get("max_memory"):
-        teacher.to(device)
-    t_device = loaded.input_device
+    run.temporary_cache = run.streamed and not opts.cache_teacher
+    if run.temporary_cache:
+        run.opts = dataclasses.replace(opts, cache_teacher=temporary_dir("moetool-teacher-cache-"))
+    teacher = run.loaded.model
+    lo = opts.load_options or {}
+    if not run.streamed and not lo.get("device_map") and not lo.get("max_memory"):
+        teacher.to(run.device)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    tok = loaded.tokenizer
-    if tok is None:
-        raise MoetoolError(f"{model}: no tokenizer in this checkpoint; distill needs one to read --file")
-    timings["load_s"] = time.perf_counter() - t0
+    if run.loaded.tokenizer is None:
+        raise MoetoolError(f"{run.model}: no tokenizer in this checkpoint; distill needs one to read --file")
 
+
+def _token_blocks(run: _Session, texts, eval_texts):
+    """(training token ids, training blocks [n, seq_len], held-out blocks or None)."""
+    tok = run.loaded.tokenizer
     train_ids = _tokenize(tok, texts)
-    blocks = _blocks(train_ids, opts.seq_len, "--file")
+    blocks = _blocks(train_ids, run.opts.seq_len, "--file")
     eval_blocks = None
     if eval_texts:
-        eval_blocks = _blocks(_tokenize(tok, eval_texts), opts.seq_len, "--eval-file", opts.eval_tokens)
+        eval_blocks = _blocks(_tokenize(tok, eval_texts), run.opts.seq_len, "--eval-file", run.opts.eval_tokens)
+    return train_ids, blocks, eval_blocks
 
-    width = opts.intermediate_size or di.default_width(rc)
-    cfg = di.student_config(source.config, rc, width)
-    student = di.build_student(cfg, opts.seed)
-    n_params = int(sum(p.numel() for p in student.parameters()))
-    identity = _teacher_identity(source, str((opts.load_options or {}).get("dtype", "auto")))
-    fingerprint = {
+
+def _run_fingerprint(run: _Session, identity: dict, blocks, cfg: dict) -> dict:
+    """Everything a resumed run must share with the one it continues."""
+    opts = run.opts
+    return {
         "teacher": _digest(identity), "data": _tensor_digest(blocks), "student_config": _digest(cfg),
         "init": opts.init, "trace": opts.trace, "calib_tokens": opts.calib_tokens, "seq_len": opts.seq_len,
-        "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "processes": world, "lr": opts.lr,
+        "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "processes": run.world, "lr": opts.lr,
         "warmup": opts.warmup_steps, "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay,
         "max_grad_norm": opts.max_grad_norm, "steps": opts.steps, "temperature": opts.temperature,
         "hidden_loss": opts.hidden_loss, "seed": opts.seed,
         "cache_topk": opts.cache_topk if opts.cache_teacher else None,
     }
 
-    with _progress(opts.progress and main) as progress:
-        # -- initialisation ------------------------------------------------------------------------
-        t1 = time.perf_counter()
-        usage = None
-        init_rows: list[dict] = []
-        usage_source = None
-        state = None
-        if resume_from is not None:
-            state = json.loads((resume_from / "distill_state.json").read_text())
-            _check_fingerprint(state["fingerprint"], fingerprint, resume_from)
-            init_rows = state["init_rows"]
-            usage_source = state["usage_source"]
-        else:
-            if opts.init != "random":
-                n_cal = max(1, min(blocks.shape[0], math.ceil(opts.calib_tokens / opts.seq_len)))
-                # evenly spread over the text (several files: every one is represented)
-                cal_idx = torch.linspace(0, blocks.shape[0] - 1, n_cal).round().long().unique()
-                trace = None
-                if opts.trace:
-                    from moetool.analysis.trace import Trace
 
-                    trace = Trace.load(opts.trace)
-                    usage_source = f"trace {opts.trace} ({trace.tokens} tokens)"
-                else:
-                    usage_source = (f"calibration on {len(cal_idx) * opts.seq_len} tokens of --file "
-                                    f"({len(cal_idx)} blocks spread evenly over it)")
-                usage = di.calibrate(loaded, blocks[cal_idx].tolist(), batch_size=max(8, opts.batch_size), trace=trace)
-            init_rows = di.init_student(loaded, student, usage, opts.init)
-        timings["init_s"] = time.perf_counter() - t1
+def _initialise(run: _Session, student, blocks, fingerprint: dict) -> tuple[list[dict], str | None]:
+    """The student's weights from the teacher's (a resumed run takes its rows from the
+    checkpoint, whose weights load later). Returns (one row per layer, where usage came from)."""
+    import torch
 
-        # -- teacher references -------------------------------------------------------------------------
-        ref = None
-        my_eval = None
-        eval_k = None
-        if eval_blocks is not None:
-            n_eval = eval_blocks.shape[0]
-            mine = [rank + world * j for j in range(math.ceil(n_eval / world))]
-            my_valid = torch.tensor([i < n_eval for i in mine])
-            my_eval = eval_blocks[[i if i < n_eval else 0 for i in mine]]
-            eval_k = eval_topk(int(student.config.vocab_size), my_eval.numel())
-            ref = _eval_reference(loaded, my_eval, t_device, opts.batch_size, eval_k)
-        cache = None
-        t2 = time.perf_counter()
-        order = _Order(blocks.shape[0], opts.seed, opts.batch_size, opts.grad_accum, world)
-        if opts.cache_teacher and opts.steps > 0:
-            used = sorted({b for s in range(opts.steps) for m in range(opts.grad_accum) for r in range(world)
-                           for b in order.indices(s, m, r)})
-            if main:
-                path = build_teacher_cache(loaded, blocks, used, opts, identity, t_device, progress)
-            accelerator.wait_for_everyone()
-            if not main:  # found, not rebuilt
-                path = build_teacher_cache(loaded, blocks, used, opts, identity, t_device, None)
-            cache = _CacheReader(path, used, opts.seq_len)
-            # the teacher is not needed any more: give its memory to training
-            loaded.model = None
-            del teacher
-            teacher = None
-            gc.collect()
-        timings["cache_s"] = time.perf_counter() - t2
+    from moetool.compression import distill_init as di
 
-        # -- training ---------------------------------------------------------------------------------
-        student.to(device)
-        student.train()
-        decay, no_decay = [], []
-        for name, p in student.named_parameters():
-            (no_decay if p.ndim < 2 else decay).append(p)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
-        student, optimizer = accelerator.prepare(student, optimizer)
-        history: list[dict] = []
-        evals: list[dict] = []
-        start_step = 0
-        if resume_from is not None:
-            accelerator.load_state(str(resume_from))
-            start_step = int(state["step"])
-            history = state["history"]
-            evals = state["evals"]
+    t1 = time.perf_counter()
+    opts = run.opts
+    try:
+        if run.resume_from is not None:
+            run.state = json.loads((run.resume_from / "distill_state.json").read_text())
+            _check_fingerprint(run.state["fingerprint"], fingerprint, run.resume_from)
+            return run.state["init_rows"], run.state["usage_source"]
+        usage, usage_source = None, None
+        if opts.init != "random":
+            n_cal = max(1, min(blocks.shape[0], math.ceil(opts.calib_tokens / opts.seq_len)))
+            # evenly spread over the text (several files: every one is represented)
+            cal_idx = torch.linspace(0, blocks.shape[0] - 1, n_cal).round().long().unique()
+            trace = None
+            if opts.trace:
+                from moetool.analysis.trace import Trace
 
-        def run_eval(step: int):
-            if eval_blocks is None or any(e["step"] == step for e in evals):
-                return
-            te = time.perf_counter()
-            ev = _evaluate(student, my_eval, my_valid, ref, device, opts.batch_size, accelerator)
-            ev["step"] = step
-            evals.append(ev)
-            timings["eval_s"] = timings.get("eval_s", 0.0) + time.perf_counter() - te
+                trace = Trace.load(opts.trace)
+                usage_source = f"trace {opts.trace} ({trace.tokens} tokens)"
+            else:
+                usage_source = (f"calibration on {len(cal_idx) * opts.seq_len} tokens of --file "
+                                f"({len(cal_idx)} blocks spread evenly over it)")
+            usage = di.calibrate(run.loaded, blocks[cal_idx].tolist(), batch_size=max(8, opts.batch_size), trace=trace)
+        return di.init_student(run.loaded, student, usage, opts.init), usage_source
+    finally:
+        run.timings["init_s"] = time.perf_counter() - t1
 
-        run_eval(start_step)
-        train_s = 0.0
-        tokens_per_step = opts.batch_size * opts.grad_accum * world * opts.seq_len
-        task = progress.add_task("distilling", total=opts.steps, completed=start_step, info="")
-        for step in range(start_step, opts.steps):
-            ts = time.perf_counter()
-            lr = lr_at(step, opts)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, hidden
-            for micro in range(opts.grad_accum):
-                idx = order.indices(step, micro, rank)
-                ids = blocks[idx].to(device)
-                hidden = opts.hidden_loss > 0
-                last = micro == opts.grad_accum - 1
-                ctx = accelerator.no_sync(student) if not last else contextlib.nullcontext()
-                with ctx:
-                    s_out = student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
-                    if cache is not None:
-                        v, ix, r = cache.get(idx)
-                        kl = kl_topk(v.to(device), ix.to(device), r.to(device), s_out.logits, opts.temperature).mean()
-                    else:
-                        t_out = _teacher_forward(teacher, ids, t_device, hidden=hidden)
-                        kl = kl_full(t_out.logits.to(device), s_out.logits, opts.temperature).mean()
-                    loss = kl * opts.temperature ** 2
-                    h = torch.zeros((), device=device)
-                    if hidden:
-                        h = _hidden_mse(t_out.hidden_states, s_out.hidden_states)
-                        loss = loss + opts.hidden_loss * h
-                    accelerator.backward(loss / opts.grad_accum)
-                sums += torch.tensor([loss.item(), kl.item(), float(h)], dtype=torch.float64)
-            if opts.max_grad_norm:
-                accelerator.clip_grad_norm_(student.parameters(), opts.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sums = accelerator.reduce(sums.to(device), reduction="mean").cpu() / opts.grad_accum
-            train_s += time.perf_counter() - ts
-            rec = {"step": step + 1, "loss": sums[0].item(), "kl": sums[1].item(), "lr": lr}
-            if opts.hidden_loss > 0:
-                rec["hidden_mse"] = sums[2].item()
-            history.append(rec)
-            info = f"loss {rec['loss']:.4f}  KL {rec['kl']:.4f}"
-            if evals:
-                info += f"  held-out KL {evals[-1]['kl']:.4f}"
-            progress.update(task, advance=1, info=info)
-            done = step + 1
-            if opts.eval_every and done % opts.eval_every == 0:
-                run_eval(done)
-            if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
-                _save_checkpoint(accelerator, ckpt_dir, done, {
-                    "step": done, "fingerprint": fingerprint, "history": history, "evals": evals,
-                    "init_rows": init_rows, "usage_source": usage_source})
-        run_eval(opts.steps)
 
-    timings["train_s"] = train_s
-    steps_run = opts.steps - start_step
-    result = {
-        "teacher": source.name,
-        "teacher_family": rc.family.name,
-        "out": str(opts.out),
-        "student": {
-            "model_type": cfg["model_type"], "architectures": cfg["architectures"], "intermediate_size": width,
-            "default_intermediate_size": di.default_width(rc),
-            "params": n_params,
-        },
-        "teacher_streamed": streamed,
-        "init": {"method": opts.init, "usage": usage_source, "layers": init_rows},
-        "data": {
-            "files": [f for f, _ in texts], "tokens": len(train_ids), "blocks": int(blocks.shape[0]),
-            "eval_files": [f for f, _ in eval_texts],
-            "eval_tokens": int(eval_blocks.numel()) if eval_blocks is not None else 0,
-            "eval_kl": None if eval_blocks is None else (
-                "exact (full vocabulary)" if eval_k is None else
-                f"over the teacher's top-{eval_k} tokens plus one bin for the rest (a lower bound)"),
-        },
-        "training": {
-            "steps": opts.steps, "resumed_from_step": start_step if resume_from is not None else None,
-            "seq_len": opts.seq_len, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
-            "processes": world, "tokens_per_step": tokens_per_step,
-            "epochs": round(order.epochs(opts.steps), 3), "lr": opts.lr, "warmup": opts.warmup_steps,
-            "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay, "temperature": opts.temperature,
-            "hidden_loss": opts.hidden_loss, "seed": opts.seed,
-            "teacher_cache": None if not opts.cache_teacher else {
-                "dir": opts.cache_teacher, "topk": opts.cache_topk, "temporary": temporary_cache,
-                "kl": "top-k support plus one lumped bin for the rest of the vocabulary"},
-            "tokens_per_second": (steps_run * tokens_per_step / train_s) if train_s > 0 else None,
-            "distributed": str(accelerator.distributed_type).split(".")[-1],
-        },
-        "history": history,
-        "eval": evals,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "process_index": rank,
+def _held_out(run: _Session, student, eval_blocks) -> _HeldOut:
+    """This process's held-out blocks (padded to an equal share with masked repeats) and the
+    teacher's reference on them, computed once."""
+    import torch
+
+    if eval_blocks is None:
+        return _HeldOut()
+    n_eval = eval_blocks.shape[0]
+    mine = [run.rank + run.world * j for j in range(math.ceil(n_eval / run.world))]
+    held = _HeldOut(blocks=eval_blocks[[i if i < n_eval else 0 for i in mine]],
+                    valid=torch.tensor([i < n_eval for i in mine]))
+    held.topk = eval_topk(int(student.config.vocab_size), held.blocks.numel())
+    held.ref = _eval_reference(run.loaded, held.blocks, run.loaded.input_device, run.opts.batch_size, held.topk)
+    return held
+
+
+def _teacher_cache(run: _Session, blocks, order: _Order, identity: dict, progress):
+    """With --cache-teacher (or a streamed teacher): the teacher's top-K on every block the run
+    will read, built by the main process (the others find it), then the teacher is released."""
+    t2 = time.perf_counter()
+    opts = run.opts
+    if not (opts.cache_teacher and opts.steps > 0):
+        run.timings["cache_s"] = time.perf_counter() - t2
+        return None
+    used = sorted({b for s in range(opts.steps) for m in range(opts.grad_accum) for r in range(run.world)
+                   for b in order.indices(s, m, r)})
+    t_device = run.loaded.input_device
+    if run.main:
+        path = build_teacher_cache(run.loaded, blocks, used, opts, identity, t_device, progress)
+    run.accelerator.wait_for_everyone()
+    if not run.main:  # found, not rebuilt
+        path = build_teacher_cache(run.loaded, blocks, used, opts, identity, t_device, None)
+    cache = _CacheReader(path, used, opts.seq_len)
+    run.loaded.model = None  # the teacher is not needed any more: give its memory to training
+    gc.collect()
+    run.timings["cache_s"] = time.perf_counter() - t2
+    return cache
+
+
+def _train(run: _Session, student, blocks, order: _Order, cache, held: _HeldOut, progress, saved: dict):
+    """The training loop (resumed from run.state when there is one); evaluates at step 0, every
+    --eval-every steps and at the end. SAVED: what every checkpoint keeps besides the weights.
+    Returns (the prepared student, {history, evals, start_step, train_s})."""
+    import torch
+
+    opts, acc = run.opts, run.accelerator
+    student.to(run.device)
+    student.train()
+    decay, no_decay = [], []
+    for _name, p in student.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+    student, optimizer = acc.prepare(student, optimizer)
+    t = {"history": [], "evals": [], "start_step": 0, "train_s": 0.0}
+    if run.resume_from is not None:
+        acc.load_state(str(run.resume_from))
+        t.update(start_step=int(run.state["step"]), history=run.state["history"], evals=run.state["evals"])
+
+    def run_eval(step: int):
+        if held.blocks is None or any(e["step"] == step for e in t["evals"]):
+            return
+        te = time.perf_counter()
+        ev = _evaluate(student, held.blocks, held.valid, held.ref, run.device, opts.batch_size, acc)
+        ev["step"] = step
+        t["evals"].append(ev)
+        run.timings["eval_s"] = run.timings.get("eval_s", 0.0) + time.perf_counter() - te
+
+    run_eval(t["start_step"])
+    task = progress.add_task("distilling", total=opts.steps, completed=t["start_step"], info="")
+    for step in range(t["start_step"], opts.steps):
+        ts = time.perf_counter()
+        rec = _train_step(run, student, optimizer, blocks, order, cache, step)
+        t["train_s"] += time.perf_counter() - ts
+        t["history"].append(rec)
+        info = f"loss {rec['loss']:.4f}  KL {rec['kl']:.4f}"
+        if t["evals"]:
+            info += f"  held-out KL {t['evals'][-1]['kl']:.4f}"
+        progress.update(task, advance=1, info=info)
+        done = step + 1
+        if opts.eval_every and done % opts.eval_every == 0:
+            run_eval(done)
+        if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
+            _save_checkpoint(acc, _checkpoint_dir(opts), done,
+                             {"step": done, "history": t["history"], "evals": t["evals"], **saved})
+    run_eval(opts.steps)
+    run.timings["train_s"] = t["train_s"]
+    return student, t
+
+
+def _train_step(run: _Session, student, optimizer, blocks, order: _Order, cache, step: int) -> dict:
+    """One optimizer step over --grad-accum micro-batches; returns its history row (losses
+    averaged over micro-batches and processes)."""
+    import torch
+
+    opts, acc, device = run.opts, run.accelerator, run.device
+    lr = lr_at(step, opts)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    hidden = opts.hidden_loss > 0
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, hidden
+    for micro in range(opts.grad_accum):
+        idx = order.indices(step, micro, run.rank)
+        ids = blocks[idx].to(device)
+        last = micro == opts.grad_accum - 1
+        with acc.no_sync(student) if not last else contextlib.nullcontext():
+            s_out = student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+            if cache is not None:
+                v, ix, r = cache.get(idx)
+                kl = kl_topk(v.to(device), ix.to(device), r.to(device), s_out.logits, opts.temperature).mean()
+            else:
+                t_out = _teacher_forward(run.loaded.model, ids, run.loaded.input_device, hidden=hidden)
+                kl = kl_full(t_out.logits.to(device), s_out.logits, opts.temperature).mean()
+            loss = kl * opts.temperature ** 2
+            h = torch.zeros((), device=device)
+            if hidden:
+                h = _hidden_mse(t_out.hidden_states, s_out.hidden_states)
+                loss = loss + opts.hidden_loss * h
+            acc.backward(loss / opts.grad_accum)
+        sums += torch.tensor([loss.item(), kl.item(), float(h)], dtype=torch.float64)
+    if opts.max_grad_norm:
+        acc.clip_grad_norm_(student.parameters(), opts.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = acc.reduce(sums.to(device), reduction="mean").cpu() / opts.grad_accum
+    rec = {"step": step + 1, "loss": sums[0].item(), "kl": sums[1].item(), "lr": lr}
+    if hidden:
+        rec["hidden_mse"] = sums[2].item()
+    return rec
+
+
+def _training_summary(run: _Session, order: _Order, t: dict) -> dict:
+    opts = run.opts
+    tokens_per_step = opts.batch_size * opts.grad_accum * run.world * opts.seq_len
+    steps_run = opts.steps - t["start_step"]
+    return {
+        "steps": opts.steps, "resumed_from_step": t["start_step"] if run.resume_from is not None else None,
+        "seq_len": opts.seq_len, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
+        "processes": run.world, "tokens_per_step": tokens_per_step,
+        "epochs": round(order.epochs(opts.steps), 3), "lr": opts.lr, "warmup": opts.warmup_steps,
+        "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay, "temperature": opts.temperature,
+        "hidden_loss": opts.hidden_loss, "seed": opts.seed,
+        "teacher_cache": None if not opts.cache_teacher else {
+            "dir": opts.cache_teacher, "topk": opts.cache_topk, "temporary": run.temporary_cache,
+            "kl": "top-k support plus one lumped bin for the rest of the vocabulary"},
+        "tokens_per_second": (steps_run * tokens_per_step / t["train_s"]) if t["train_s"] > 0 else None,
+        "distributed": str(run.accelerator.distributed_type).split(".")[-1],
     }
-    if teacher_params := _teacher_params(loaded, source):
-        result["teacher_params"] = teacher_params
-    _write_output(accelerator, student, tok, source, opts, result)
-    return result
 
 
 def _cpu_distributed() -> bool:

@@ -306,7 +306,10 @@ class Executor:
         rc = getattr(self.loaded, "rc", None)
         if rc is not None:
             return int(rc.num_layers)
-        return int(self.model.config.num_hidden_layers)
+        model = self.model
+        while not hasattr(model, "config") and hasattr(model, "module"):  # DDP / FSDP wrappers (distill)
+            model = model.module
+        return int(model.config.num_hidden_layers)
 
     # -- layerwise ------------------------------------------------------------------------------------------
     def _layers(self):

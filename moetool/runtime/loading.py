@@ -577,32 +577,17 @@ def _load_with_quant_helper(path: str, bits: int, torch_dtype, kwargs: dict):
 
 
 # -- sizes, device map --------------------------------------------------------------------------------
-def _tensor_bytes(t) -> int:
-    n = t.numel() * t.element_size()
-    qs = getattr(t, "quant_state", None)  # bitsandbytes 4-bit: absmax (and nested state) beside the data
-    if qs is not None:
-        for name in ("absmax", "code"):
-            extra = getattr(qs, name, None)
-            if extra is not None and hasattr(extra, "numel"):
-                n += extra.numel() * extra.element_size()
-        nested = getattr(qs, "state2", None)
-        if nested is not None and getattr(nested, "absmax", None) is not None:
-            n += nested.absmax.numel() * nested.absmax.element_size()
-    scb = getattr(t, "SCB", None)  # bitsandbytes int8 row scales
-    if scb is not None and hasattr(scb, "numel"):
-        n += scb.numel() * scb.element_size()
-    return n
-
-
 def module_bytes(module) -> int:
     """Bytes of a module's parameters and buffers as held (offloaded ones counted at their dtype)."""
+    from moetool.runtime.quant.bnb import tensor_bytes
+
     seen: set[int] = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) in seen:
             continue
         seen.add(id(t))
-        total += _tensor_bytes(t)
+        total += tensor_bytes(t)
     return total
 
 
