@@ -629,10 +629,80 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
     """Plan MODEL (preset, config.json, checkpoint dir, cached Hub id) on the given hardware.
     TRACE is a path or a moetool.analysis.trace.Trace."""
     from moetool.analysis.count import kv_cache_per_token
-    from moetool.units import parse_size
     from moetool.analysis.params import count_params
-    from moetool.families.resolve import resolve_family
+    from moetool.checkpoint.checks import check_if_checkpoint
     from moetool.checkpoint.source import resolve
+    from moetool.families.resolve import resolve_family
+
+    hw = _check_plan_options(precision, gpus, gpu_memory, cpu_memory, reserve, context, batch, trace, ep,
+                             capacity_factors, ep_map_out, device_map_out, holdout)
+    source = resolve(model)
+    rc = resolve_family(source)
+    check_if_checkpoint(model, source, rc)
+    if ep is not None:
+        from moetool.analysis.plan_ep import check_ep
+
+        check_ep(int(rc.num_experts), ep, nodes, redundant)
+    tr = _load_trace(model, trace, rc, source, accept_foreign_trace) if trace is not None else None
+    routing = routing_from_trace(tr, holdout, seed) if tr is not None else uniform_routing(rc)
+    layout = model_layout(rc, context, batch)
+    counted = count_params(model)
+
+    per_prec, grids, wheres = {}, {}, {}
+    for p in PRECISIONS:
+        ideal = place_per_expert(layout, routing, p, hw)
+        mod = place_modules(layout, routing, p, hw)
+        grids[p], wheres[p] = ideal.pop("_grid"), mod.pop("_where")
+        per_prec[p] = {**ideal, "weight_bytes": layout.total[p], "device_map": mod}
+    top = per_prec[precision]
+    report: dict[str, Any] = {
+        "model": source.name,
+        "family": rc.family.name,
+        "precision": precision,
+        "fits": top["fits"],
+        "gpu_bytes": top["gpu_bytes"],
+        "cpu_bytes": top["cpu_bytes"],
+        "disk_bytes": top["disk_bytes"],
+        "weight_bytes": layout.total[precision],
+        "kv_cache_bytes": layout.kv_bytes,
+        "why": top["why"],
+        "routed_reads_on_gpu": top["routed_reads_on_gpu"],
+        "per_token": top["per_token"],
+        "hardware": {**hw.describe(), "context": context, "batch": batch},
+        "routing": {"source": routing.source, **({"trace": str(trace) if not hasattr(trace, "meta") else "in-memory",
+                                                  "tokens": tr.tokens} if tr is not None else {}),
+                    "judged_on": routing.split},
+        "params_memory": counted["memory"],
+        "kv_cache_bytes_per_token": kv_cache_per_token(rc),
+        "granularity": {
+            "placement": "per expert (engines that place single experts: llama.cpp -ot, ktransformers, vLLM EP)",
+            "device_map": "per module: all experts of a MoE layer are one transformers module (mlp.experts)",
+        },
+        "precisions": per_prec,
+    }
+    figures: dict[str, Any] = {"grid": grids[precision], "moe_layers": routing.moe_layers,
+                               "fit": {L: routing.fit[L] for L in routing.moe_layers}, "routing": routing.source}
+    if device_map_out:
+        dmap = device_map_from_units(_skeleton(source.config, rc.family), rc, wheres[precision])
+        write_json(device_map_out, dmap)
+        report["device_map_file"] = str(device_map_out)
+        report["precisions"][precision]["device_map"]["entries"] = len(dmap)
+    if tr is not None and capacity_factors:
+        from moetool.analysis.plan_ep import capacity_drops
+
+        report["dropped_fraction"] = capacity_drops(tr.experts, tr.sequence, tr.num_experts, tr.top_k,
+                                                    list(capacity_factors), seq_counts=routing.seq_counts)
+    if ep is not None:
+        _add_ep(report, figures, routing, layout, precision, ep, nodes, redundant, dispatch_dtype, ep_map_out,
+                source.name)
+    return Plan(report, figures)
+
+
+def _check_plan_options(precision, gpus, gpu_memory, cpu_memory, reserve, context, batch, trace, ep,
+                        capacity_factors, ep_map_out, device_map_out, holdout) -> Hardware:
+    """Every option check that needs no model; returns the hardware described."""
+    from moetool.analysis.plan_ep import parse_factor
+    from moetool.units import parse_size
 
     if precision not in PRECISIONS:
         raise MoetoolError(f"--precision: choose from {', '.join(PRECISIONS)}")
@@ -656,96 +726,39 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
     for flag, out in (("--device-map-out", device_map_out), ("--ep-map-out", ep_map_out)):
         if out and not Path(out).expanduser().parent.exists():
             raise MoetoolError(f"{flag} {out}: directory {Path(out).parent} does not exist")
-    hw = Hardware(gpus, gpu_b, cpu_b, reserve_b)
-
     if not 0 <= holdout < 1:
         raise MoetoolError(f"--holdout {holdout}: give a share between 0 and 1 (e.g. 0.2)")
-    from moetool.analysis.plan_ep import check_ep, parse_factor
-
     for c in capacity_factors:
         parse_factor(c)
-    source = resolve(model)
-    rc = resolve_family(source)
-    from moetool.checkpoint.checks import check_if_checkpoint
+    return Hardware(gpus, gpu_b, cpu_b, reserve_b)
 
-    check_if_checkpoint(model, source, rc)
-    if ep is not None:
-        check_ep(int(rc.num_experts), ep, nodes, redundant)
-    tr = None
-    if trace is not None:
-        from moetool.analysis.trace import Trace, check_trace_matches
 
-        tr = trace if isinstance(trace, Trace) else Trace.load(trace)
-        try:
-            check_trace_matches(tr, rc)
-        except MoetoolError as exc:
-            raise MoetoolError(f"{model}: {exc}") from None
-        if not isinstance(trace, Trace):
-            from moetool.checkpoint.fingerprint import check_trace_of_model
+def _load_trace(model: str, trace, rc, source, accept_foreign_trace: bool):
+    """TRACE (a path or a Trace) checked against the model: shapes, fingerprint, tokens."""
+    from moetool.analysis.trace import Trace, check_trace_matches
 
-            check_trace_of_model(tr, trace, model, rc, source.path if source.kind == "checkpoint" else None,
-                                 accept=accept_foreign_trace)
-        if tr.tokens == 0:
-            raise MoetoolError(f"{trace}: the trace has no tokens")
-        routing = routing_from_trace(tr, holdout, seed)
-    else:
-        routing = uniform_routing(rc)
-    layout = model_layout(rc, context, batch)
-    counted = count_params(model)
+    tr = trace if isinstance(trace, Trace) else Trace.load(trace)
+    try:
+        check_trace_matches(tr, rc)
+    except MoetoolError as exc:
+        raise MoetoolError(f"{model}: {exc}") from None
+    if not isinstance(trace, Trace):
+        from moetool.checkpoint.fingerprint import check_trace_of_model
 
-    per_prec, grids, wheres = {}, {}, {}
-    for p in PRECISIONS:
-        ideal = place_per_expert(layout, routing, p, hw)
-        mod = place_modules(layout, routing, p, hw)
-        grids[p], wheres[p] = ideal.pop("_grid"), mod.pop("_where")
-        per_prec[p] = {**ideal, "weight_bytes": layout.total[p], "device_map": mod}
-    top = per_prec[precision]
-    kv = kv_cache_per_token(rc)
-    report: dict[str, Any] = {
-        "model": source.name,
-        "family": rc.family.name,
-        "precision": precision,
-        "fits": top["fits"],
-        "gpu_bytes": top["gpu_bytes"],
-        "cpu_bytes": top["cpu_bytes"],
-        "disk_bytes": top["disk_bytes"],
-        "weight_bytes": layout.total[precision],
-        "kv_cache_bytes": layout.kv_bytes,
-        "why": top["why"],
-        "routed_reads_on_gpu": top["routed_reads_on_gpu"],
-        "per_token": top["per_token"],
-        "hardware": {**hw.describe(), "context": context, "batch": batch},
-        "routing": {"source": routing.source, **({"trace": str(trace) if not hasattr(trace, "meta") else "in-memory",
-                                                  "tokens": tr.tokens} if tr is not None else {}),
-                    "judged_on": routing.split},
-        "params_memory": counted["memory"],
-        "kv_cache_bytes_per_token": kv,
-        "granularity": {
-            "placement": "per expert (engines that place single experts: llama.cpp -ot, ktransformers, vLLM EP)",
-            "device_map": "per module: all experts of a MoE layer are one transformers module (mlp.experts)",
-        },
-        "precisions": per_prec,
-    }
-    figures: dict[str, Any] = {"grid": grids[precision], "moe_layers": routing.moe_layers,
-                               "fit": {L: routing.fit[L] for L in routing.moe_layers}, "routing": routing.source}
+        check_trace_of_model(tr, trace, model, rc, source.path if source.kind == "checkpoint" else None,
+                             accept=accept_foreign_trace)
+    if tr.tokens == 0:
+        raise MoetoolError(f"{trace}: the trace has no tokens")
+    return tr
 
-    if device_map_out:
-        dmap = device_map_from_units(_skeleton(source.config, rc.family), rc, wheres[precision])
-        write_json(device_map_out, dmap)
-        report["device_map_file"] = str(device_map_out)
-        report["precisions"][precision]["device_map"]["entries"] = len(dmap)
 
-    if tr is not None and capacity_factors:
-        from moetool.analysis.plan_ep import capacity_drops
-
-        report["dropped_fraction"] = capacity_drops(tr.experts, tr.sequence, tr.num_experts, tr.top_k,
-                                                    list(capacity_factors), seq_counts=routing.seq_counts)
-    if ep is not None:
-        ep_report, ep_data = plan_ep(routing, layout, precision, ep, nodes, redundant, dispatch_dtype)
-        report["ep"] = ep_report
-        report["imbalance"] = {name: s["imbalance"] for name, s in ep_report["strategies"].items()}
-        figures["ep"] = ep_data["loads"]
-        if ep_map_out:
-            write_json(ep_map_out, ep_map(ep_report, ep_data["placements"], routing.moe_layers, source.name))
-            report["ep_map_file"] = str(ep_map_out)
-    return Plan(report, figures)
+def _add_ep(report: dict, figures: dict, routing, layout, precision, ep, nodes, redundant, dispatch_dtype,
+            ep_map_out, name: str) -> None:
+    """The expert-parallel simulation into REPORT and FIGURES (and --ep-map-out written)."""
+    ep_report, ep_data = plan_ep(routing, layout, precision, ep, nodes, redundant, dispatch_dtype)
+    report["ep"] = ep_report
+    report["imbalance"] = {n: s["imbalance"] for n, s in ep_report["strategies"].items()}
+    figures["ep"] = ep_data["loads"]
+    if ep_map_out:
+        write_json(ep_map_out, ep_map(ep_report, ep_data["placements"], routing.moe_layers, name))
+        report["ep_map_file"] = str(ep_map_out)
