@@ -11,6 +11,8 @@ from moetool.families import all_families
 
 pytest.importorskip("transformers")
 
+ABSENT = "(key left out of config.json)"  # a variant value that removes the key
+
 # model_type -> config variants (on top of transformers' defaults with few layers and experts)
 _MLA = [
     {},
@@ -32,6 +34,23 @@ VARIANTS = {
                         "mlp_bias": True, "use_bias": True, "use_conv_bias": False, "moe_latent_size": 1024},
                    {"layers_block_type": None, "hybrid_override_pattern": "ME*EM-E", "n_groups": 4,
                     "num_key_value_heads": 4, "head_dim": 64}],
+    "gemma4_text": [
+        {},
+        {"num_hidden_layers": 6, "layer_types": None, "per_layer_config": ABSENT, "global_head_dim": 128,
+         "num_global_key_value_heads": 1, "attention_k_eq_v": True, "hidden_size_per_layer_input": 32,
+         "vocab_size_per_layer_input": 1000},
+        {"layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+         "per_layer_config": {"1": {"head_dim": 96, "num_key_value_heads": 2}, "03": {"head_dim": 96, "num_key_value_heads": 2}},
+         "num_kv_shared_layers": 2, "use_double_wide_mlp": True, "attention_bias": True, "tie_word_embeddings": False},
+    ],
+    "deepseek_v4": [
+        {},
+        {"num_hidden_layers": 5, "layer_types": None, "mlp_layer_types": None, "num_hash_layers": 1,
+         "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 16}, "hc_mult": 3,
+         "o_groups": 4, "mlp_bias": True},
+        {"num_hidden_layers": 4, "layer_types": None, "mlp_layer_types": None,
+         "compress_ratios": [0, 4, 128, 4], "index_n_heads": 8, "index_head_dim": 64, "tie_word_embeddings": True},
+    ],
     "mistral4": [{}, {"first_k_dense_replace": 2, "q_lora_rank": None, "attention_bias": True},
                  {"n_shared_experts": 2, "tie_word_embeddings": True, "v_head_dim": 64, "qk_rope_head_dim": 32}],
     "jamba": [{}, {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_proj_bias": True, "mamba_conv_bias": False},
@@ -87,7 +106,7 @@ def test_curated_equals_transformers(model_type, overrides, tmp_path):
     from moetool.families.derive import build_meta_model, hf_config_for, meta_count
     from moetool.analysis.params import count_params
 
-    cfg = {**tiny_config(model_type), **overrides}
+    cfg = {k: v for k, v in {**tiny_config(model_type), **overrides}.items() if v != ABSENT}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     report = count_params(str(path))
@@ -139,6 +158,8 @@ PUBLISHED = {
     "mistral-small-4-119b": ("without_embeddings_and_head", 0.10, 0.01),
     "longcat-flash": ("without_embeddings_and_head", 0.03, 0.01),
     "nemotron-3-nano-30b-a3b": ("active", 0.02, 0.01),
+    "gemma-4-26b-a4b": ("active", 0.02, 0.01),
+    "deepseek-v4-flash": ("without_embeddings_and_head", 0.03, 0.01),
 }
 
 
@@ -157,7 +178,8 @@ def test_curated_presets_match_published_figures(name):
 
 
 @pytest.mark.parametrize("name", ["qwen3-next-80b-a3b", "glm-4.5", "qwen3.5-397b-a17b", "kimi-linear-48b-a3b",
-                                  "mistral-small-4-119b", "longcat-flash", "nemotron-3-nano-30b-a3b"])
+                                  "mistral-small-4-119b", "longcat-flash", "nemotron-3-nano-30b-a3b",
+                                  "gemma-4-26b-a4b", "deepseek-v4-flash"])
 def test_curated_params_needs_no_torch(name):
     import subprocess
     import sys

@@ -123,19 +123,37 @@ def architecture_summary(rc: ResolvedConfig) -> dict:
 
 
 def kv_cache_per_token(rc: ResolvedConfig, bytes_per_element: int = 2) -> dict:
-    out = {"bf16": rc.num_layers * rc.kv_elements_per_layer * bytes_per_element}
+    """KV cache bytes per token of context. Only softmax-attention layers cache keys and values that grow with
+    the context (hybrids: Mamba and linear-attention layers keep a fixed state instead, ``fixed_state``)."""
+    n_attn = len(rc.attention_layers)
+    out = {"bf16": n_attn * rc.kv_elements_per_layer * bytes_per_element, "attention_layers": n_attn}
     compressed = rc.fields.get("kv_elements_per_layer_compressed")
     if compressed:
         # MLA: serving engines cache the compressed latent + rope key; transformers caches
         # the decompressed per-head keys and values (the "bf16" figure above).
-        out["mla_compressed_bf16"] = rc.num_layers * compressed * bytes_per_element
+        out["mla_compressed_bf16"] = n_attn * compressed * bytes_per_element
+    return out
+
+
+def fixed_state(rc: ResolvedConfig, bytes_per_element: int = 2) -> dict | None:
+    """The fixed-size state of the Mamba / linear-attention layers per sequence (it does not grow with the
+    context): convolution window plus recurrent state, where the family describes its size; None for a model
+    without such layers."""
+    n_state = len(rc.state_layers)
+    if not n_state:
+        return None
+    out: dict = {"state_layers": n_state}
+    elements = rc.state_elements_per_layer
+    if elements is not None:
+        out["elements_per_layer"] = elements
+        out["bf16"] = n_state * elements * bytes_per_element
     return out
 
 
 def flops_per_token(rc: ResolvedConfig, active_matmul_params: int, context: int) -> dict:
-    """Forward FLOPs for one token: 2 x activated matmul weights, plus attention over
-    ``context`` previous tokens (QK^T and AV, 2 FLOPs per multiply-add)."""
-    attention = 2 * rc.num_layers * context * (rc.attn_qk_width + rc.attn_v_width)
+    """Forward FLOPs for one token: 2 x activated matmul weights, plus attention over ``context``
+    previous tokens (QK^T and AV, 2 FLOPs per multiply-add) in the softmax-attention layers."""
+    attention = 2 * len(rc.attention_layers) * context * (rc.attn_qk_width + rc.attn_v_width)
     return {
         "matmul": 2 * active_matmul_params,
         "attention": attention,
@@ -155,6 +173,9 @@ def count_config(rc: ResolvedConfig, per_layer: bool = False, context: int = 409
     report["architecture"] = architecture_summary(rc)
     report["memory"] = weight_memory((t.shape, t.role, n) for t, n in main)
     report["kv_cache_bytes_per_token"] = kv_cache_per_token(rc)
+    state = fixed_state(rc)
+    if state is not None:
+        report["fixed_state_bytes_per_sequence"] = state
     report["flops_per_token"] = flops_per_token(rc, _active_matmul(report), context)
     report["warnings"] = []
     return report

@@ -87,7 +87,7 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
             mtp += params
             continue
         base = e.name[: -len("_blocks")] if e.name.endswith("_blocks") else e.name
-        match = fam.classify(base)
+        match = fam.classify(base, rc)
         if match is None:
             unknown.append(e.name)
             continue

@@ -85,12 +85,18 @@ def model_layout(rc, context: int, batch: int) -> Layout:
             target[p] += mem[p]
     E = int(rc.num_experts)
     kv_layer = int(rc.kv_elements_per_layer) * KV_BYTES * context * batch
+    # hybrids: only softmax-attention layers cache keys and values; Mamba / linear-attention layers keep a
+    # fixed state per sequence (counted where the family describes its size)
+    attention = set(rc.attention_layers)
+    state_layer = (rc.state_elements_per_layer or 0) * KV_BYTES * batch
+    state = set(rc.state_layers)
     first = [k for k in model_units if "embed" in k]
     last = [k for k in model_units if k not in first]
     units = [Unit("model", k, None, dict(model_units[k])) for k in first]
     expert_bytes = {}
     for L in range(rc.num_layers):
-        units.append(Unit("layer", f"model.layers.{L}", L, dict(rest[L]), kv=kv_layer))
+        cache = (kv_layer if L in attention else 0) + (state_layer if L in state else 0)
+        units.append(Unit("layer", f"model.layers.{L}", L, dict(rest[L]), kv=cache))
         if L in routed:
             units.append(Unit("experts", f"model.layers.{L} experts", L, dict(routed[L])))
             per = {}
@@ -100,7 +106,7 @@ def model_layout(rc, context: int, batch: int) -> Layout:
             expert_bytes[L] = per
     units += [Unit("model", k, None, dict(model_units[k])) for k in last]
     total = {p: sum(u.bytes[p] for u in units) for p in PRECISIONS}
-    return Layout(rc, units, expert_bytes, total, kv_layer * rc.num_layers)
+    return Layout(rc, units, expert_bytes, total, sum(u.kv for u in units))
 
 
 # -- routing: measured (a trace, split into fit / held-out) or assumed uniform -----------------------------
@@ -450,6 +456,9 @@ def _skeleton(config: dict, family):
     if model_type not in CONFIG_MAPPING:
         raise MoetoolError(f"transformers has no '{model_type}' model: cannot write a device map for it")
     kw = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "auto_map")}
+    from moetool.runtime.hf_compat import register_causal_lm
+
+    register_causal_lm(model_type)
     try:
         cfg = CONFIG_MAPPING[model_type](**kw)
         with torch.device("meta"):

@@ -106,6 +106,31 @@ class ResolvedConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
+    # -- what each layer caches during generation (the family's "cache" section: data, not code) -----------
+    def _cache_rule(self, key: str, layer: int, default: Any) -> Any:
+        rule = (self.family.spec.get("cache") or {}).get(key)
+        if rule is None:
+            return default
+        return evaluate(rule, {**self.names, "L": layer})
+
+    @cached_property
+    def attention_layers(self) -> list[int]:
+        """Layers with softmax attention, whose KV cache grows with the context: every layer unless the family's
+        ``cache.attention_layer`` says otherwise (Mamba and linear-attention layers do not)."""
+        return [i for i in range(self.num_layers) if self._cache_rule("attention_layer", i, True)]
+
+    @cached_property
+    def state_layers(self) -> list[int]:
+        """Layers that keep a fixed-size state per sequence instead (Mamba, linear attention)."""
+        return [i for i in range(self.num_layers) if self._cache_rule("state_layer", i, False)]
+
+    @cached_property
+    def state_elements_per_layer(self) -> int | None:
+        """Elements of one state layer's fixed state per sequence (convolution window plus recurrent state),
+        where the family describes it."""
+        rule = (self.family.spec.get("cache") or {}).get("state_elements")
+        return None if rule is None else int(evaluate(rule, self.names))
+
 
 class Family:
     def __init__(self, spec: dict):
@@ -200,24 +225,38 @@ class Family:
 
     # -- name classification --------------------------------------------------------------
     @cached_property
-    def _patterns(self) -> list[tuple[re.Pattern, str, str]]:
+    def _patterns(self) -> list[tuple[re.Pattern, str, str, dict]]:
         templates = [t for group in self.spec["tensors"].values() for t in group]
         templates += self.spec.get("aliases", [])
         out = []
         for t in templates:
             rx = re.escape(t["name"]).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
-            out.append((re.compile(rx + "$"), t["role"], t["name"]))
+            out.append((re.compile(rx + "$"), t["role"], t["name"], t))
         return out
 
-    def classify(self, name: str) -> Match | None:
-        for rx, role, template in self._patterns:
+    def classify(self, name: str, rc: ResolvedConfig | None = None) -> Match | None:
+        """What tensor NAME is. Where one name has different roles by layer (Kimi Linear's ``self_attn.q_proj`` is
+        MLA attention in some layers and linear attention in others), RC picks the template whose ``when`` holds
+        for that layer; without RC the first template that matches the name."""
+        first = None
+        for rx, role, template, spec in self._patterns:
             m = rx.match(name)
-            if m:
-                groups = m.groupdict()
-                layer = int(groups["L"]) if groups.get("L") is not None else None
-                expert = int(groups["E"]) if groups.get("E") is not None else None
-                return Match(role, layer, expert, template)
-        return None
+            if not m:
+                continue
+            groups = m.groupdict()
+            layer = int(groups["L"]) if groups.get("L") is not None else None
+            expert = int(groups["E"]) if groups.get("E") is not None else None
+            found = Match(role, layer, expert, template)
+            if rc is None or "when" not in spec:
+                return found
+            try:
+                holds = evaluate(spec["when"], {**rc.names, "L": layer, "E": expert})
+            except Exception:  # a condition that does not apply to this name (no layer): not this template
+                holds = False
+            if holds:
+                return found
+            first = first or found
+        return first
 
 
 @lru_cache(maxsize=1)

@@ -35,7 +35,7 @@ from typing import Any
 
 from moetool.errors import MoetoolError
 
-DERIVE_VERSION = 3  # bump when the derived spec format changes (invalidates caches)
+DERIVE_VERSION = 4  # bump when the derived spec format changes (invalidates caches)
 
 # config keys that never change a model's parameters: left out of the cache key
 _NON_SHAPING = {
@@ -154,12 +154,13 @@ def causal_lm_class(hf_config):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    if type(hf_config) in AutoModelForCausalLM._model_mapping:
+    config_class = hf_config if isinstance(hf_config, type) else type(hf_config)
+    if config_class in AutoModelForCausalLM._model_mapping:
         return None
-    name = type(hf_config).__name__
+    name = config_class.__name__
     if name.endswith("Config"):
         cls = getattr(transformers, name[: -len("Config")] + "ForCausalLM", None)
-        if cls is not None and getattr(cls, "config_class", None) is type(hf_config):
+        if cls is not None and getattr(cls, "config_class", None) is config_class:
             return cls
     return None
 
@@ -607,6 +608,15 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
             lay["shared"] = shared_child
     arch = list(getattr(hf_config, "architectures", None) or raw.get("architectures") or [type(model).__name__])
     ignore = [p for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []) if isinstance(p, str)]
+    # hybrids: which layers cache keys and values (softmax attention) and which keep a fixed state (mixers)
+    kinds: dict[str, set[int]] = defaultdict(set)
+    for disk, _, model_name in layout:
+        m = _LAYER_RX.search(disk)
+        if m:
+            kinds[roles.get(model_name, "other")].add(int(m.group(1)))
+    cache = {}
+    if kinds["mixers"]:
+        cache = {"attention_layer": f"L in {sorted(kinds['attention'])}", "state_layer": f"L in {sorted(kinds['mixers'])}"}
     spec = {
         "name": model_type,
         "level": "derived",
@@ -636,6 +646,7 @@ def spec_from_model(model, hf_config, raw: dict) -> dict:
             "zero_experts": str(zero),
         },
         "is_moe_layer": f"L in {moe_layers}",
+        **({"cache": cache} if cache else {}),
         "tensors": tensors,
         "aliases": [],
         "runtime": {"layouts": layouts},

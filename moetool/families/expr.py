@@ -35,7 +35,21 @@ _CMPOPS = {
     ast.Is: operator.is_,
     ast.IsNot: operator.is_not,
 }
-_FUNCS = {"len": len, "max": max, "min": min, "int": int, "bool": bool, "sum": sum}
+def _per_layer(overrides: Any, layer: int, key: str, default: Any) -> Any:
+    """A layer's value of KEY in transformers' ``per_layer_config`` (heterogeneous configs: layer index ->
+    {attribute: value}; config.json writes the indices as zero-padded strings), else DEFAULT."""
+    if isinstance(overrides, dict):
+        for index, values in overrides.items():
+            try:
+                same = int(index) == layer
+            except (TypeError, ValueError):
+                continue
+            if same and isinstance(values, dict) and key in values:
+                return values[key]
+    return default
+
+
+_FUNCS = {"len": len, "max": max, "min": min, "int": int, "bool": bool, "sum": sum, "per_layer": _per_layer}
 
 
 class MissingField(MoetoolError):

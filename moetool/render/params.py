@@ -68,6 +68,11 @@ def render_params(report: dict) -> None:
     kv_line = f"KV cache per token: {human_bytes(kv['bf16'])} at bf16"
     if "mla_compressed_bf16" in kv:
         kv_line += f" as transformers caches it, {human_bytes(kv['mla_compressed_bf16'])} MLA-compressed"
+    state = report.get("fixed_state_bytes_per_sequence")
+    if state:
+        kv_line += f" ({kv['attention_layers']} attention layers)"
+        fixed = f"{human_bytes(state['bf16'])} at bf16" if "bf16" in state else "size not described"
+        kv_line += f"; fixed state per sequence: {fixed} ({state['state_layers']} Mamba / linear-attention layers)"
     lines.append(kv_line)
     fl = report["flops_per_token"]
     lines.append(

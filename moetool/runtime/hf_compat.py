@@ -160,3 +160,19 @@ def disk_name_function(model):
     if not renamings:
         return lambda name: name
     return lambda name: apply_renamings(name, renamings)
+
+
+def register_causal_lm(model_type: str | None) -> None:
+    """Make AutoModelForCausalLM find MODEL_TYPE's own causal-LM class where transformers does not list it
+    (5.24: Mistral 4, whose checkpoints usually ship inside a multimodal wrapper), through the public
+    ``AutoModelForCausalLM.register``; every loading path (whole, quantized, streamed) then builds it."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from moetool.families.derive import causal_lm_class
+
+    if not model_type or model_type not in CONFIG_MAPPING:
+        return
+    config_class = CONFIG_MAPPING[model_type]
+    cls = causal_lm_class(config_class)
+    if cls is not None:
+        AutoModelForCausalLM.register(config_class, cls, exist_ok=True)

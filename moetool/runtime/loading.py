@@ -263,6 +263,9 @@ def load_model(
     if resume and not run_dir:
         raise MoetoolError("--resume needs --run-dir DIR (where the interrupted run kept its checkpoints)")
     torch_dtype = _torch_dtype(dtype)
+    from moetool.runtime.hf_compat import register_causal_lm
+
+    register_causal_lm(source.config.get("model_type"))
     budget = parse_max_memory(max_memory)
     no_layerwise = rc.family.layerwise_unsupported
     if stream and no_layerwise:
