@@ -281,6 +281,27 @@ def load_model(
             raise MoetoolError("--stream places each layer itself; give no explicit --device-map")
         bits = 4 if load_in_4bit else 8 if load_in_8bit else None
         return _load_streamed(model, source, rc, torch_dtype, device_map, trust_remote_code, run, bits)
+    kwargs, offload_folder = _placement(source, device_map, budget, offload_folder, torch_dtype, allow_pickle,
+                                        trust_remote_code)
+    path = str(source.path)
+    hf_model, quantization, quant_report = _from_pretrained(model, path, kwargs, torch_dtype, load_in_4bit,
+                                                            load_in_8bit)
+    tokenizer = _tokenizer(path, trust_remote_code)
+    loaded = LoadedModel(
+        model=hf_model, tokenizer=tokenizer, source=source, rc=rc, family=rc.family,
+        quantization=quantization, offload_folder=offload_folder, quant_report=quant_report,
+    )
+    _fill_load_info(loaded)
+    loaded.run_options = run
+    moe_blocks(loaded)  # fail now, with a clear message, if the layout is not found
+    return loaded
+
+
+def _placement(source, device_map, budget, offload_folder, torch_dtype, allow_pickle: bool,
+               trust_remote_code: bool) -> tuple[dict, str | None]:
+    """from_pretrained's keyword arguments for where the weights go (device map, memory budget,
+    offload folder: a temporary one when none is given) and how they are read (safetensors
+    only, or torch's weights_only loader with --allow-pickle)."""
     dmap = parse_device_map(device_map)
     if budget is not None:
         _check_devices_exist([k for k in budget if k != "disk"], "--max-memory")
@@ -291,9 +312,6 @@ def load_model(
                                "not to an explicit one")
     if dmap is not None and offload_folder is None:
         offload_folder = temporary_dir("moetool-offload-")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if isinstance(dmap, dict) and set(dmap) != {""}:
         dmap = _complete_device_map(str(source.path), dmap, trust_remote_code)
     kwargs: dict[str, Any] = dict(local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch_dtype)
@@ -306,10 +324,16 @@ def load_model(
         kwargs["offload_folder"] = offload_folder
     if budget is not None:
         kwargs["max_memory"] = budget
+    return kwargs, offload_folder
+
+
+def _from_pretrained(model: str, path: str, kwargs: dict, torch_dtype, load_in_4bit: bool, load_in_8bit: bool):
+    """(the transformers model in eval mode, its quantization label, the quantization report);
+    any loading failure is one line."""
+    from transformers import AutoModelForCausalLM
 
     quantization = "none"
     quant_report = None
-    path = str(source.path)
     restore = _quiet_transformers()
     try:
         if load_in_4bit:
@@ -335,21 +359,17 @@ def load_model(
     finally:
         restore()
     hf_model.eval()
+    return hf_model, quantization, quant_report
+
+
+def _tokenizer(path: str, trust_remote_code: bool):
+    """The checkpoint's tokenizer, or None (a checkpoint without one can still be traced from token ids)."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        tokenizer = None
-        _ = exc  # a checkpoint without a tokenizer can still be traced from token ids
-
-    loaded = LoadedModel(
-        model=hf_model, tokenizer=tokenizer, source=source, rc=rc, family=rc.family,
-        quantization=quantization, offload_folder=offload_folder, quant_report=quant_report,
-    )
-    _fill_load_info(loaded)
-    loaded.run_options = run
-    moe_blocks(loaded)  # fail now, with a clear message, if the layout is not found
-    return loaded
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
 
 
 def check_loading_info(model: str, info: dict) -> None:
@@ -435,8 +455,6 @@ def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote
     """The skeleton of MODEL with a LayerReader (moetool.runtime.streaming), and its tokenizer. BITS:
     each layer's fused experts quantized to 4-bit / int8 as it is read (moetool.runtime.quant.bnb); the
     rest of the layer stays in the model's dtype."""
-    from transformers import AutoTokenizer
-
     from moetool.runtime.streaming import load_streamed
 
     restore = _quiet_transformers()
@@ -449,12 +467,7 @@ def _load_streamed(model: str, source, rc, torch_dtype, device_map, trust_remote
         raise MoetoolError(f"{model}: cannot load ({first_line(exc)})") from None
     finally:
         restore()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError, TypeError):
-        tokenizer = None
-    loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, source=source, rc=rc, family=rc.family,
+    loaded = LoadedModel(model=hf_model, tokenizer=_tokenizer(str(source.path), trust_remote_code), source=source, rc=rc, family=rc.family,
                          layer_reader=reader, run_options=run)
     _fill_load_info(loaded)
     if bits:
