@@ -49,6 +49,31 @@ def experts_take_indices(experts) -> bool:
         return True
 
 
+def _sorted_dispatch(output, tensors, k: int, E: int):
+    """A router that returns its choices grouped by expert (JetMoE: the flat top-k positions
+    sorted by expert, the token of each, its gate, the number of tokens per expert as a list of
+    E ints, and the logits): (ids, weights, logits) per token, or None for any other output."""
+    import torch
+
+    sizes = next((v for v in output if isinstance(v, (list, tuple)) and len(v) == E
+                  and all(isinstance(x, int) for x in v)), None)
+    if sizes is None:
+        return None
+    n = sum(sizes)
+    flat = [t for t in tensors if t.dim() == 1 and t.numel() == n]
+    order = next((t for t in flat if not t.is_floating_point()), None)
+    gates = next((t for t in flat if t.is_floating_point()), None)
+    if order is None or gates is None or n % k:
+        return None
+    experts = torch.repeat_interleave(torch.arange(E, device=order.device), torch.tensor(sizes, device=order.device))
+    ids = torch.empty(n, dtype=torch.long, device=order.device)
+    w = torch.empty(n, dtype=gates.dtype, device=gates.device)
+    ids[order.long()] = experts
+    w[order.long()] = gates
+    lg = next((t for t in tensors if t.is_floating_point() and t.dim() == 2 and t.shape[-1] == E), None)
+    return ids.reshape(-1, k), w.reshape(-1, k), lg
+
+
 def split_router_output(output, k: int, E: int):
     """(ids, weights, logits) from what a router returned; any may be None."""
     import torch
@@ -61,6 +86,9 @@ def split_router_output(output, k: int, E: int):
             and not output[2].is_floating_point() and output[1].is_floating_point()):
         return output[2], output[1], output[0]  # transformers 5: (logits, weights, indices)
     tensors = [t for t in output if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    sorted_dispatch = _sorted_dispatch(output, tensors, k, E)
+    if sorted_dispatch is not None:
+        return sorted_dispatch
     ids = next((t for t in tensors if not t.is_floating_point() and t.shape[-1] == k), None)
     if ids is None:  # a dense [tokens, E] routing-weight tensor, zero off the chosen (Llama 4: scores, logits)
         dense = next((t for t in tensors if t.is_floating_point() and t.shape[-1] == E > k
