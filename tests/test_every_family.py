@@ -10,7 +10,8 @@ the commands call), and each result is checked against an independent truth:
   of routing (tests/oracles.py), with the config changes the prune made (other than the expert
   count) applied to the original;
 - merge-experts: the output loads with from_pretrained, no missing or unexpected keys, and runs;
-- eval: runs, finite loss; plan: runs on the trace.
+- eval: runs, finite loss; plan: runs on the trace;
+- distill: a family without a dense sibling is refused in one line naming those that have one.
 
 Fixtures are found by globbing, so a new fixture is covered by adding it to fixtures/make_tiny.py.
 Where a family cannot be done safely the command refuses in one line: REFUSED lists those, and
@@ -46,17 +47,23 @@ def _config(path: str) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
 
-@lru_cache(maxsize=None)
-def _trace(path: str):
-    """One trace per fixture (with router logits, for merge's router similarity), saved once."""
-    import tempfile
-
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """fixture -> (trace, its file, experts per layer): one trace per fixture (with router logits,
+    for merge's router similarity), made and saved the first time a test asks for it."""
     from moetool.analysis.trace import trace_model
 
-    trace, loaded = trace_model(path, [TEXT], logits=True)
-    file = Path(tempfile.mkdtemp(prefix="every-family-")) / "t.trace"
-    trace.save(file)
-    return trace, str(file), loaded.rc.num_experts
+    done: dict[str, tuple] = {}
+
+    def get(fixture: Path):
+        if fixture.name not in done:
+            trace, loaded = trace_model(str(fixture), [TEXT], logits=True)
+            file = tmp_path_factory.mktemp(fixture.name) / "t.trace"
+            trace.save(file)
+            done[fixture.name] = (trace, str(file), loaded.rc.num_experts)
+        return done[fixture.name]
+
+    return get
 
 
 def _experts_modules(model) -> dict[int, list]:
@@ -101,11 +108,11 @@ def test_params_from_headers_equals_transformers(fixture):
 
 
 @pytest.mark.parametrize("fixture", ALL, ids=IDS)
-def test_trace_counts_equal_the_experts_modules_inputs(fixture):
+def test_trace_counts_equal_the_experts_modules_inputs(fixture, traced):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trace, _file, E = _trace(str(fixture))
+    trace, _file, E = traced(fixture)
     model = AutoModelForCausalLM.from_pretrained(fixture).eval()
     experts = _experts_modules(model)
     seen: dict[int, list] = {L: [] for L in experts}
@@ -128,14 +135,14 @@ def test_trace_counts_equal_the_experts_modules_inputs(fixture):
 
 
 @pytest.mark.parametrize("fixture", ALL, ids=IDS)
-def test_pruned_equals_original_with_dropped_experts_masked(fixture, tmp_path):
+def test_pruned_equals_original_with_dropped_experts_masked(fixture, tmp_path, traced):
     import torch
     from transformers import AutoModelForCausalLM
 
     from moetool.errors import MoetoolError
     from moetool.compression.prune import prune_checkpoint
 
-    E = _trace(str(fixture))[2]
+    E = traced(fixture)[2]
     keep = E // 2
     out = tmp_path / "pruned"
     if (needle := _refusal(fixture, "prune")):
@@ -164,17 +171,19 @@ def test_pruned_equals_original_with_dropped_experts_masked(fixture, tmp_path):
     diff = (want - got).abs().max().item()
     assert diff < 1e-4, diff
     assert (unmasked - got).abs().max().item() > 100 * max(diff, 1e-6)  # masking mattered
+    for L, mods in _experts_modules(pruned).items():  # every experts module holds KEEP experts
+        assert all(p.shape[0] == keep for m in mods for p in m.parameters(recurse=False) if p.dim() == 3), L
 
 
 @pytest.mark.parametrize("fixture", ALL, ids=IDS)
-def test_merged_checkpoint_loads_and_runs(fixture, tmp_path):
+def test_merged_checkpoint_loads_and_runs(fixture, tmp_path, traced):
     import torch
     from transformers import AutoModelForCausalLM
 
     from moetool.errors import MoetoolError
     from moetool.compression.merge import merge_checkpoint
 
-    _trace_obj, trace_file, E = _trace(str(fixture))
+    _trace_obj, trace_file, E = traced(fixture)
     out = tmp_path / "merged"
     kw = dict(similarity="router", trace=trace_file, progress=False)
     if (needle := _refusal(fixture, "merge-experts")):
@@ -206,10 +215,10 @@ def test_eval_runs(fixture, tmp_path):
 
 
 @pytest.mark.parametrize("fixture", ALL, ids=IDS)
-def test_plan_runs_on_the_trace(fixture):
+def test_plan_runs_on_the_trace(fixture, traced):
     from moetool.analysis.plan import plan
 
-    trace, trace_file, _E = _trace(str(fixture))
+    trace, trace_file, _E = traced(fixture)
     report = plan(str(fixture), gpu_memory="1MB", trace=trace_file).report
     assert report["family"] == _config(str(fixture))["model_type"]
     assert report["routing"]["source"] == "trace" and report["routing"]["tokens"] == trace.tokens
