@@ -78,6 +78,8 @@ class HealOptions:
     experts_steps: int = DEFAULT_EXPERTS_STEPS  # L-BFGS iterations on all routed-expert weights, routing fixed
     experts_reg: float = DEFAULT_EXPERTS_REG
     shared: bool = False  # step 3 also refits what the block has besides routed experts (shared experts)
+    shared_down: bool = True  # steps 2 and 3 fit the shared expert's down projection jointly with the routed ones
+    selection_rounds: int = 0  # coordinate-search rounds on selection-only router buffers (e_score_correction_bias)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,133 +87,132 @@ class HealOptions:
 
 # -- the math: pure functions ------------------------------------------------------------------------------
 def fit_down_proj(acts, weights, experts, tokens, target, current, bias=None, ridge: float = DEFAULT_RIDGE,
-                  sweeps: int = 8, tol: float = 1e-5, joint_limit: int = 4096) -> dict:
+                  sweeps: int = 8, tol: float = 1e-5, joint_limit: int = 4096, shared: dict | None = None) -> dict:
     """Least-squares fit of the experts' down projections to a target, given the routing.
 
     acts [N, I]: the intermediate activations of slot n's expert on its token; weights [N]: the
     routing weight of the slot; experts [N], tokens [N]: which expert, which token (each token
     has at most one slot per expert); target [T, H]; current [E, H, I] (output x input) and
     bias [E, H] or None: the current matrices (and biases), which the ridge pulls towards.
+    SHARED (optional): a shared expert fitted jointly with the routed ones, {"acts" [T, Is] (its
+    intermediate activations on every token), "weights" [T] (what the block multiplies its
+    output by: 1, or a per-token gate), "current" [H, Is], "bias" [H] or None}.
 
-    Minimises sum_t ||target_t - sum_{n: token t} w_n (M_e a_n + b_e)||^2
-    + sum_e lambda_e ||[M_e b_e] - [M0_e b0_e]||^2, lambda_e = ridge x trace(G_e) / dim (G_e: the
-    expert's Gram matrix of weighted activations). Solved exactly and jointly while the experts'
-    matrices have at most JOINT_LIMIT columns side by side, else by exact per-expert solves given
-    the others, swept (block Gauss-Seidel, which converges to the joint solution) until the error
-    falls by less than TOL (relative) or after SWEEPS. Experts with no slot keep their matrices. Returns {"down": [E, H, I], "bias": [E, H] | None, "loss_before",
-    "loss_after", "sweeps", "fitted"} (losses: mean squared error per target element), float64
-    math, results in float32."""
+    Minimises sum_t ||target_t - sum_{n: token t} w_n (M_e a_n + b_e) - s_t (S a^s_t + b^s)||^2
+    + sum_e lambda_e ||[M_e b_e] - [M0_e b0_e]||^2 (+ the same for S), lambda_e = ridge x
+    trace(G_e) / dim (G_e: the expert's Gram matrix of weighted activations). Solved exactly and
+    jointly while the matrices have at most JOINT_LIMIT columns side by side, else by exact
+    per-expert solves given the others, swept (block Gauss-Seidel, which converges to the joint
+    solution) until the error falls by less than TOL (relative) or after SWEEPS. Experts with no
+    slot keep their matrices. Returns {"down": [E, H, I], "bias": [E, H] | None, "shared":
+    {"down", "bias"} | None, "loss_before", "loss_after", "sweeps", "fitted"} (losses: mean
+    squared error per target element), float64 math, results in float32."""
     import torch
 
     dd = torch.float64
-    A = acts.to(dd)
-    w = weights.to(dd)
-    ex = experts.long()
-    tk = tokens.long()
     R = target.to(dd)
+    ex, tk = experts.long(), tokens.long()
     E, H, I = current.shape
-    with_bias = bias is not None
-    if with_bias:
-        A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=dd)], dim=1)
-        theta0 = torch.cat([current.to(dd), bias.to(dd)[:, :, None]], dim=2)  # [E, H, I+1]
-    else:
-        theta0 = current.to(dd).clone()
-    theta = theta0.clone()
-    d = theta.shape[2]
-    WA = w[:, None] * A  # each slot's weighted activations
-    pred = torch.zeros_like(R)
-    slots = {}
+    blocks = []  # (key, token index [n], weighted activations [n, d], theta0 [H, d], with_bias)
+
+    def add(key, tok, a, w, cur, b):
+        a = a.to(dd)
+        if b is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=dd)], dim=1)
+            cur = torch.cat([cur.to(dd), b.to(dd)[:, None]], dim=1)
+        blocks.append((key, tok, w.to(dd)[:, None] * a, cur.to(dd).clone(), b is not None))
+
     for e in range(E):
         idx = (ex == e).nonzero().reshape(-1)
         if idx.numel():
-            slots[e] = idx
-            pred.index_add_(0, tk[idx], WA[idx] @ theta[e].T)
+            add(e, tk[idx], acts[idx], weights[idx], current[e], None if bias is None else bias[e])
+    if shared is not None:
+        add("shared", torch.arange(R.shape[0]), shared["acts"], shared["weights"], shared["current"],
+            shared.get("bias"))
+    theta0 = [b[3] for b in blocks]
+    theta = [t.clone() for t in theta0]
+    pred = torch.zeros_like(R)
+    for (_k, t, WA, _c, _b), th in zip(blocks, theta):
+        pred.index_add_(0, t, WA @ th.T)
     denom = max(R.numel(), 1)
     loss_before = float(((R - pred) ** 2).sum()) / denom
-    grams, lams = {}, {}
-    for e, idx in slots.items():
-        G = WA[idx].T @ WA[idx]
-        grams[e] = G
-        lams[e] = ridge * float(torch.trace(G)) / d
-    fitted = [e for e in slots if float(torch.trace(grams[e])) > 0]
-    if fitted and len(fitted) * d <= joint_limit:
-        theta = _joint_solve(WA, ex, tk, R, theta0, fitted, grams, lams)
-        pred = _predict(WA, ex, tk, theta, R.shape)
-        return _fit_result(theta, I, with_bias, loss_before, float(((R - pred) ** 2).sum()) / denom, 0, len(fitted))
-    last = loss_before
+    grams = [WA.T @ WA for _k, _t, WA, _c, _b in blocks]
+    lams = [ridge * float(torch.trace(G)) / G.shape[0] for G in grams]
+    fitted = [i for i, G in enumerate(grams) if float(torch.trace(G)) > 0]
     done = 0
-    for sweep in range(max(1, sweeps)):
-        for e in fitted:
-            idx = slots[e]
-            t = tk[idx]
-            own = WA[idx] @ theta[e].T  # [n, H]
-            resid = R[t] - pred[t] + own
-            C = WA[idx].T @ resid  # [d, H]
-            lhs = grams[e] + lams[e] * torch.eye(d, dtype=dd)
-            rhs = C + lams[e] * theta0[e].T
-            new = torch.linalg.solve(lhs, rhs).T  # [H, d]
-            pred.index_add_(0, t, WA[idx] @ (new - theta[e]).T)
-            theta[e] = new
-        done = sweep + 1
-        loss = float(((R - pred) ** 2).sum()) / denom
-        if last - loss <= tol * max(last, 1e-30):
+    if fitted and sum(blocks[i][2].shape[1] for i in fitted) <= joint_limit:
+        sol = _joint_solve(blocks, fitted, grams, lams, R)
+        for i, s in sol.items():
+            theta[i] = s
+        pred = torch.zeros_like(R)
+        for (_k, t, WA, _c, _b), th in zip(blocks, theta):
+            pred.index_add_(0, t, WA @ th.T)
+        last = float(((R - pred) ** 2).sum()) / denom
+    else:
+        last = loss_before
+        for sweep in range(max(1, sweeps) if fitted else 0):
+            for i in fitted:
+                _k, t, WA, _c, _b = blocks[i]
+                resid = R[t] - pred[t] + WA @ theta[i].T
+                d = WA.shape[1]
+                new = torch.linalg.solve(grams[i] + lams[i] * torch.eye(d, dtype=dd),
+                                         WA.T @ resid + lams[i] * theta0[i].T).T  # [H, d]
+                pred.index_add_(0, t, WA @ (new - theta[i]).T)
+                theta[i] = new
+            done = sweep + 1
+            loss = float(((R - pred) ** 2).sum()) / denom
+            if last - loss <= tol * max(last, 1e-30):
+                last = loss
+                break
             last = loss
-            break
-        last = loss
-    return _fit_result(theta, I, with_bias, loss_before, last, done, len(fitted))
+    down = current.to(torch.float32).clone()
+    out_bias = None if bias is None else bias.to(torch.float32).clone()
+    out_shared = None
+    if shared is not None:
+        out_shared = {"down": shared["current"].to(torch.float32).clone(),
+                      "bias": None if shared.get("bias") is None else shared["bias"].to(torch.float32).clone()}
+    for (key, _t, _WA, _c, with_bias), th in zip(blocks, theta):
+        th = th.to(torch.float32)
+        m, b = (th[:, :-1], th[:, -1]) if with_bias else (th, None)
+        if key == "shared":
+            out_shared = {"down": m, "bias": b}
+        else:
+            down[key] = m
+            if b is not None:
+                out_bias[key] = b
+    return {"down": down, "bias": out_bias, "shared": out_shared, "loss_before": loss_before, "loss_after": last,
+            "sweeps": done, "fitted": sum(1 for i in fitted if blocks[i][0] != "shared")}
 
 
-def _fit_result(theta, I: int, with_bias: bool, before: float, after: float, sweeps: int, fitted: int) -> dict:
-    import torch
-
-    return {"down": theta[:, :, :I].to(torch.float32), "bias": theta[:, :, I].to(torch.float32) if with_bias else None,
-            "loss_before": before, "loss_after": after, "sweeps": sweeps, "fitted": fitted}
-
-
-def _predict(WA, ex, tk, theta, shape):
-    import torch
-
-    pred = torch.zeros(shape, dtype=theta.dtype)
-    for e in range(theta.shape[0]):
-        idx = (ex == e).nonzero().reshape(-1)
-        if idx.numel():
-            pred.index_add_(0, tk[idx], WA[idx] @ theta[e].T)
-    return pred
-
-
-def _joint_solve(WA, ex, tk, R, theta0, fitted: list[int], grams: dict, lams: dict, chunk: int = 2048):
-    """The exact joint ridge solution over the FITTED experts (their matrices side by side), the
-    normal equations accumulated over token chunks."""
+def _joint_solve(blocks, fitted: list[int], grams: list, lams: list, R, chunk: int = 2048) -> dict:
+    """The exact joint ridge solution over the FITTED blocks (their matrices side by side), the
+    normal equations accumulated over token chunks. Returns {block: theta [H, d]}."""
     import torch
 
     dd = torch.float64
-    d = WA.shape[1]
-    pos = {e: i for i, e in enumerate(fitted)}
-    n = len(fitted) * d
+    offs, n = {}, 0
+    for i in fitted:
+        offs[i] = n
+        n += blocks[i][2].shape[1]
     G = torch.zeros(n, n, dtype=dd)
     C = torch.zeros(n, R.shape[1], dtype=dd)
-    col = torch.tensor([pos.get(int(e), -1) for e in range(theta0.shape[0])])[ex]
-    keep = col >= 0
     for a in range(0, R.shape[0], chunk):
-        sel = keep & (tk >= a) & (tk < a + chunk)
-        rows = tk[sel] - a
         m = min(chunk, R.shape[0] - a)
         Z = torch.zeros(m, n, dtype=dd)
-        c = col[sel]
-        offs = c[:, None] * d + torch.arange(d)[None, :]
-        Z[rows[:, None].expand_as(offs), offs] = WA[sel]
+        for i in fitted:
+            _k, t, WA, _c, _b = blocks[i]
+            sel = (t >= a) & (t < a + m)
+            d = WA.shape[1]
+            Z[(t[sel] - a)[:, None], offs[i] + torch.arange(d)[None, :]] = WA[sel]
         G += Z.T @ Z
         C += Z.T @ R[a:a + m]
-    for e in fitted:
-        i = pos[e] * d
-        G[i:i + d, i:i + d] += lams[e] * torch.eye(d, dtype=dd)
-        C[i:i + d] += lams[e] * theta0[e].T
+    for i in fitted:
+        d = blocks[i][2].shape[1]
+        o = offs[i]
+        G[o:o + d, o:o + d] += lams[i] * torch.eye(d, dtype=dd)
+        C[o:o + d] += lams[i] * blocks[i][3].T
     sol = torch.linalg.solve(G, C)  # [n, H]
-    theta = theta0.clone()
-    for e in fitted:
-        theta[e] = sol[pos[e] * d:(pos[e] + 1) * d].T
-    return theta
-
+    return {i: sol[offs[i]:offs[i] + blocks[i][2].shape[1]].T.clone() for i in fitted}
 
 
 
@@ -264,6 +265,40 @@ def fit_router(loss_fn, params: list, steps: int, reg: float) -> dict:
                 p.copy_(q)
         loss1 = loss0
     return {"loss_before": loss0, "loss_after": loss1, "evaluations": evals[0] + 2, "kept": bool(kept)}
+
+
+def fit_selection(loss_fn, buf, rounds: int, step: float) -> dict:
+    """Coordinate search on BUF (a router buffer that only decides which experts are chosen, such
+    as DeepSeek's e_score_correction_bias; it has no gradient): for step sizes STEP, STEP/2, ...
+    (ROUNDS of them), each entry moved by +-step where that lowers LOSS_FN() (no gradient, a
+    float). In place; returns {"loss_before", "loss_after", "evaluations", "moved"}."""
+    import torch
+
+    best = loss0 = loss_fn()
+    evals, moved = 1, 0
+    with torch.no_grad():
+        for r in range(max(0, rounds)):
+            s = step / (2 ** r)
+            for e in range(buf.shape[0]):
+                old = buf[e].clone()
+                for sign in (1.0, -1.0):
+                    buf[e] = old + sign * s
+                    loss = loss_fn()
+                    evals += 1
+                    if loss < best:
+                        best = loss
+                        moved += 1
+                        break
+                else:
+                    buf[e] = old
+    return {"loss_before": loss0, "loss_after": best, "evaluations": evals, "moved": moved}
+
+
+def _selection_buffers(router, num_experts: int) -> list:
+    """The router's floating buffers with one entry per expert (DeepSeek's e_score_correction_bias):
+    they act on the choice of experts alone."""
+    return [b for _n, b in router.named_buffers(recurse=False)
+            if b.is_floating_point() and b.dim() == 1 and b.shape[0] == num_experts]
 
 
 # -- one block --------------------------------------------------------------------------------------------------
@@ -404,9 +439,12 @@ def _router_params(router) -> list:
     return [p for _, p in router.named_parameters()]
 
 
-def _refit_down(experts, x, idx, w, target, hidden: int, inter: int, opts: HealOptions) -> dict:
+def _refit_down(experts, x, idx, w, target, hidden: int, inter: int, opts: HealOptions, shared=None) -> dict:
     """The closed-form down-projection fit of one experts module (in place), given the routing
-    (IDX, W [T, k]) and the routed target [T, hidden]."""
+    (IDX, W [T, k]) and the routed target [T, hidden]. SHARED (optional): (the shared expert's
+    down projection, a Linear; its input activations [T, Is]; the per-token factor [T] the block
+    multiplies its output by), fitted jointly with the routed experts; the target then includes
+    the shared expert's part."""
     import torch
 
     down = getattr(experts, DOWN)
@@ -426,16 +464,93 @@ def _refit_down(experts, x, idx, w, target, hidden: int, inter: int, opts: HealO
     current = down.detach().float()
     if orientation == "in_out":
         current = current.transpose(1, 2)
+    extra = None
+    if shared is not None:
+        lin, s_acts, s_w = shared
+        extra = {"acts": s_acts, "weights": s_w, "current": lin.weight.detach().float(),
+                 "bias": None if lin.bias is None else lin.bias.detach().float()}
     fit = fit_down_proj(acts, wt, ex, tok, target, current, None if bias is None else bias.detach().float(),
-                        ridge=opts.ridge, sweeps=opts.sweeps)
+                        ridge=opts.ridge, sweeps=opts.sweeps, shared=extra)
     new = fit["down"] if orientation == "out_in" else fit["down"].transpose(1, 2)
     with torch.no_grad():
         down.copy_(new.to(down.dtype))
         if bias is not None:
             bias.copy_(fit["bias"].to(bias.dtype))
+        if shared is not None:
+            lin = shared[0]
+            lin.weight.copy_(fit["shared"]["down"].to(lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.copy_(fit["shared"]["bias"].to(lin.bias.dtype))
     info = {k2: fit[k2] for k2 in ("loss_before", "loss_after", "sweeps", "fitted")}
     info["orientation"] = orientation
+    info["shared"] = shared is not None
     return info
+
+
+def shared_down(shared_mod, hidden: int):
+    """The shared expert's down projection: its one Linear that writes the hidden size (None when
+    there is not exactly one)."""
+    import torch
+
+    if shared_mod is None:
+        return None
+    lins = [m for m in shared_mod.modules() if isinstance(m, torch.nn.Linear) and m.out_features == hidden]
+    return lins[0] if len(lins) == 1 else None
+
+
+def shared_module(loaded, block):
+    """BLOCK's shared expert, by the family's runtime layouts ("shared"), or None."""
+    for layout in loaded.rc.family.runtime_layouts:
+        name = layout.get("shared")
+        if name:
+            try:
+                return block.get_submodule(name)
+            except AttributeError:
+                continue
+    return None
+
+
+class _SharedProbe:
+    """Hooks on the shared expert's down projection: its input activations and its output."""
+
+    def __init__(self, lin):
+        self.lin = lin
+        self.acts, self.out = [], []
+
+    def __enter__(self):
+        if self.lin is not None:
+            self.h1 = self.lin.register_forward_pre_hook(self._pre)
+            self.h2 = self.lin.register_forward_hook(self._post)
+        return self
+
+    def __exit__(self, *exc):
+        if self.lin is not None:
+            self.h1.remove()
+            self.h2.remove()
+
+    def _pre(self, module, args):
+        a = args[0]
+        self.acts.append(a.reshape(-1, a.shape[-1]).detach().float())
+
+    def _post(self, module, args, output):
+        self.out.append(output.reshape(-1, output.shape[-1]).detach().float())
+
+
+def _shared_factor(rest, s_out):
+    """Per-token factor f with REST = f * S_OUT (the block multiplies its shared expert's output
+    by 1, or by a gate per token), or None when REST is not such a multiple (then the shared
+    expert is left out of the fit)."""
+    import torch
+
+    power = (s_out ** 2).sum(-1)
+    f = (rest * s_out).sum(-1) / power.clamp_min(1e-30)
+    f = torch.where(power > 0, f, torch.zeros_like(f))
+    scale = float(rest.abs().max()) if rest.numel() else 0.0
+    if not torch.allclose(f[:, None] * s_out, rest, rtol=1e-3, atol=1e-4 * max(scale, 1e-12)):
+        return None
+    if torch.allclose(f, torch.ones_like(f), atol=1e-5):
+        f = torch.ones_like(f)
+    return f
 
 
 @contextlib.contextmanager
@@ -474,7 +589,28 @@ def _chunked_mse(target, output_of):
     return loss_fn
 
 
-def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: HealOptions) -> dict:
+def _probe_block(block, experts, lin, x):
+    """Run BLOCK on X recording the routing: (indices [T, k], weights [T, k], what the block adds
+    besides the routed experts and the shared expert's fitted part [T, H], the shared expert's
+    (LIN, activations, per-token factor) or None). With LIN None (or a shared expert that is not
+    a per-token multiple of LIN's output) the shared expert's whole output is in the third."""
+    import torch
+
+    with _RoutingProbe(experts) as probe, _SharedProbe(lin) as sp:
+        full = run_block(block, x).float()
+    idx, w = torch.cat(probe.idx), torch.cat(probe.w)
+    rest = full - torch.cat(probe.out)
+    shared = None
+    if lin is not None and sp.out:
+        s_out = torch.cat(sp.out)
+        f = _shared_factor(rest, s_out) if s_out.shape == rest.shape else None
+        if f is not None:
+            shared = (lin, torch.cat(sp.acts), f)
+            rest = rest - f[:, None] * s_out
+    return idx, w, rest, shared
+
+
+def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: HealOptions, shared_mod=None) -> dict:
     """Heal one MoE block in place so that its output on the calibration inputs X [T, hidden]
     approaches the target Y [T, hidden]: router rows, then down projections (see the module
     docstring). Returns what was done and the block's output error before and after (mean
@@ -491,44 +627,52 @@ def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: Heal
     params = _router_params(router)
     down = getattr(experts, DOWN, None)
     saved_block = [p.detach().clone() for p in block.parameters()]
+    saved_buffers = [b.detach().clone() for b in block.buffers()]
 
     # 1. router rows
     if opts.router_steps > 0 and params:
         loss_fn = _chunked_mse(y, lambda a, b: _block_out(block(x[a:b][None]))[0].float())
         with _trainable_only(block, params):
             info["router"] = fit_router(loss_fn, params, opts.router_steps, opts.router_reg)
-    # 2. down projections, given the routing
+    # 1b. selection-only router buffers, by a coordinate search on the block's output error
+    sel = _selection_buffers(router, int(down.shape[0])) if down is not None else []
+    if opts.selection_rounds > 0 and sel:
+        sub = x[torch.linspace(0, x.shape[0] - 1, min(x.shape[0], CHUNK_TOKENS)).long()]
+        ysub = y[torch.linspace(0, x.shape[0] - 1, min(x.shape[0], CHUNK_TOKENS)).long()]
+
+        def sel_loss():
+            return float(((run_block(block, sub).float() - ysub) ** 2).mean())
+
+        spread = float(torch.cat([b.detach().reshape(-1) for b in sel]).std()) if sel[0].numel() > 1 else 0.0
+        for b in sel:
+            info["selection"] = fit_selection(sel_loss, b, opts.selection_rounds, max(spread, 1e-3))
+    # 2. down projections (the shared expert's too), given the routing
     if opts.down and down is not None:
-        with _RoutingProbe(experts) as probe:
-            full = run_block(block, x).float()
-        idx, w = torch.cat(probe.idx), torch.cat(probe.w)
-        rest = full - torch.cat(probe.out)  # shared experts and anything else the block adds
-        target = y - rest
-        info["down"] = _refit_down(experts, x, idx, w, target, hidden, inter, opts)
+        lin = shared_down(shared_mod, hidden) if opts.shared_down else None
+        idx, w, rest, shared = _probe_block(block, experts, lin, x)
+        info["down"] = _refit_down(experts, x, idx, w, y - rest, hidden, inter, opts, shared)
         # 3. every expert weight by L-BFGS with the routing fixed, then the down projections again
         if opts.experts_steps > 0:
             router_ids = {id(p) for p in params}
             if opts.shared:  # the whole block but its router: shared experts (and their gate) too
                 eparams = [p for p in block.parameters() if id(p) not in router_ids]
-            else:
-                eparams = [p for _, p in experts.named_parameters()]
-            if opts.shared:
                 experts_loss = _chunked_mse(y, lambda a, b: _block_out(block(x[a:b][None]))[0].float())
             else:
+                eparams = [p for _, p in experts.named_parameters()]
+                _i, _w, rest_all, _s = _probe_block(block, experts, None, x)  # with the refitted shared expert
                 experts_loss = _chunked_mse(
-                    target, lambda a, b: _block_out(experts(x[a:b], idx[a:b], w[a:b].to(x.dtype))).float())
+                    y - rest_all, lambda a, b: _block_out(experts(x[a:b], idx[a:b], w[a:b].to(x.dtype))).float())
             with _trainable_only(block, eparams):
                 info["experts"] = fit_router(experts_loss, eparams, opts.experts_steps, opts.experts_reg)
-            if opts.shared:
-                with _RoutingProbe(experts) as probe:
-                    full = run_block(block, x).float()
-                target = y - (full - torch.cat(probe.out))
-            info["down"] = _refit_down(experts, x, idx, w, target, hidden, inter, opts)
+            _i, _w, rest, shared = _probe_block(block, experts, lin, x)
+            info["down"] = _refit_down(experts, x, idx, w, y - rest, hidden, inter, opts, shared)
     after = float(((run_block(block, x).float() - y) ** 2).mean())
     if after >= before:  # never worse on the calibration tokens
         with torch.no_grad():
             for p, q in zip(block.parameters(), saved_block):
                 p.copy_(q)
+            for b, q in zip(block.buffers(), saved_buffers):
+                b.copy_(q)
         after = before
         info["reverted"] = True
     else:
@@ -591,6 +735,7 @@ class HealObserver(Observer):
 
         self.ref_blocks = {L: blk for L, blk, _r, _e in moe_blocks(ref_loaded)}
         self.blocks = {L: (blk, router, experts) for L, blk, router, experts in moe_blocks(loaded)}
+        self.shared = {L: shared_module(loaded, blk) for L, (blk, _r, _e) in self.blocks.items()}
         self.hidden = int(loaded.rc.fields["hidden_size"])
         self.opts, self.log = opts, log
         self.inputs: dict[int, list] = {}
@@ -618,7 +763,8 @@ class HealObserver(Observer):
     def heal(self, L: int, x) -> dict:
         blk, router, experts = self.blocks[L]
         y = run_block(self.ref_blocks[L], x)
-        return heal_block(blk, router, experts, x, y, self.hidden, _intermediate(experts, self.hidden), self.opts)
+        return heal_block(blk, router, experts, x, y, self.hidden, _intermediate(experts, self.hidden), self.opts,
+                          shared_mod=self.shared[L])
 
     def layer_end(self, layer: int) -> bool:
         import torch
@@ -695,7 +841,10 @@ class _Target:
     def value(self, mods):
         import torch
 
-        t = getattr(mods[self.layer][self.module], self.attr).detach()
+        t = mods[self.layer][self.module]
+        for part in self.attr.split("."):
+            t = getattr(t, part)
+        t = t.detach()
         if self.expert is not None:
             t = t[self.expert]
         if self.piece is not None:
@@ -739,13 +888,19 @@ def write_plan(ckpt, loaded) -> dict[str, _Target]:
     a layout that cannot be followed fails here, before any work."""
     import torch
 
-    from moetool.runtime.loading import moe_blocks
     from moetool.compression.surgery import classify
 
-    mods = {L: {"router": r, "experts": e} for L, _b, r, e in moe_blocks(loaded)}
+    mods = _healable_modules(loaded)
     plan: dict[str, _Target] = {}
     for name, ent in ckpt.entries.items():
         kind = classify(ckpt, name)
+        if kind.layer in mods and kind.kind == "plain" and mods[kind.layer]["shared"] is not None:
+            m = ckpt.family.classify(name)
+            if m is not None and m.role == "shared_experts" and ent.dtype in ("F64", "F32", "F16", "BF16"):
+                t = _shared_target(kind.layer, mods, ckpt.read(name).to(torch.float32))
+                if t is not None:
+                    plan[name] = t
+            continue
         if kind.layer not in mods or kind.kind not in ("rows", "expert", "fused"):
             continue
         if ent.dtype not in ("F64", "F32", "F16", "BF16"):
@@ -790,6 +945,45 @@ def write_plan(ckpt, loaded) -> dict[str, _Target]:
     return plan
 
 
+def plan_covers_shared(plan: dict[str, _Target], loaded) -> bool:
+    """Whether every MoE layer's shared-expert down projection (weight and bias) is in PLAN, so
+    that refitting it reaches the output (else healing leaves shared experts alone)."""
+    mods = _healable_modules(loaded)
+    hidden = int(loaded.rc.fields["hidden_size"])
+    for L, m in mods.items():
+        lin = shared_down(m["shared"], hidden)
+        if lin is None:
+            continue
+        have = {id(_param(m["shared"], t.attr)) for t in plan.values() if t.layer == L and t.module == "shared"}
+        if id(lin.weight) not in have or (lin.bias is not None and id(lin.bias) not in have):
+            return False
+    return True
+
+
+def _param(module, attr: str):
+    for part in attr.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _healable_modules(loaded) -> dict:
+    """{MoE layer: {"router", "experts", "shared" (or None)}} of LOADED."""
+    from moetool.runtime.loading import moe_blocks
+
+    return {L: {"router": r, "experts": e, "shared": shared_module(loaded, b)} for L, b, r, e in moe_blocks(loaded)}
+
+
+def _shared_target(layer: int, mods: dict, disk) -> _Target | None:
+    """The shared-expert parameter whose values are DISK (possibly transposed), or None."""
+    for attr, param in mods[layer]["shared"].named_parameters():
+        t = _Target(layer, "shared", attr)
+        flip = _match(param.detach(), disk)
+        if flip is not None:
+            t.transpose = flip
+            return t
+    return None
+
+
 def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int], out: Path, force: bool,
                  card: str, provenance: dict) -> dict:
     """Write the healed checkpoint to OUT: the tensors of PLAN in HEALED_LAYERS whose values
@@ -800,12 +994,11 @@ def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int]
 
     import torch
 
-    from moetool.runtime.loading import moe_blocks
     from moetool.checkpoint.outdir import atomic_output_dir, check_disk_space
     from moetool.compression.surgery import (INDEX_NAME, OutTensor, _copy_side_files, _copy_tensor, torch_dtype, write_safetensors,
                                  write_tensor_bytes)
 
-    mods = {L: {"router": r, "experts": e} for L, _b, r, e in moe_blocks(loaded)}
+    mods = _healable_modules(loaded)
     rewritten = 0
     shards = []
     for path in ckpt.files:
@@ -911,6 +1104,8 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
     ref_loaded = load_model(ref, **load_options, stream=False)
     try:
         plan = write_plan(ckpt, loaded)
+        if opts.shared_down and not plan_covers_shared(plan, loaded):
+            opts = HealOptions(**{**opts.as_dict(), "shared_down": False})
         if loaded.tokenizer is None:
             raise MoetoolError(f"{compressed}: no tokenizer in this checkpoint; cannot read the calibration text")
         seqs = calibration_ids(loaded.tokenizer, texts, max_tokens)

@@ -378,6 +378,7 @@ class Executor:
             start = store.load_checkpoint(observers)
         task = prog.task(f"{self.description} (layer by layer)", total * (n - start) + (total if need else 0))
         args: list = []
+        self.args = args  # args[batch][layer] = (args, kwargs) the model passes the layer (observers may reuse them)
         for b in self.batches:  # embeddings and the arguments every layer gets
             h, per_layer = self._capture(b)
             args.append(per_layer)
