@@ -43,9 +43,13 @@ PRUNE_METHODS = ("frequency", "weight", "reap")
 MERGES = (("router", False), ("output", False), ("weight", False), ("router", True))
 
 
-def calibration_file(path: Path, chunk_chars: int = 1200) -> Path:
+def calibration_file(path: Path, chunk_chars: int = 1200, seed: int = 0) -> Path:
     """JSONL of train-split chunks (documents cut at line boundaries), prose and code
-    interleaved so that a --max-tokens cap keeps both domains."""
+    interleaved, in a seeded random order of the chunks, so that the first N tokens (what
+    --max-tokens keeps) are a sample of the whole train split rather than its first few
+    documents (docs/heal.md: healing generalises far better from such a sample)."""
+    import random
+
     chunks = {}
     for domain in ("prose", "code"):
         text = (CORPUS / f"train-{domain}.txt").read_text()
@@ -60,6 +64,7 @@ def calibration_file(path: Path, chunk_chars: int = 1200) -> Path:
             if cur.strip():
                 out.append(cur)
         chunks[domain] = [c for c in out if c.strip()]
+        random.Random(seed).shuffle(chunks[domain])
     with open(path, "w") as fh:
         for a, b in zip(chunks["prose"], chunks["code"]):
             fh.write(json.dumps({"text": a}) + "\n")
@@ -365,14 +370,15 @@ def heal_all(model: str, made: list[dict], calib: Path, calib_tokens: int, disti
 def distill_baseline(src: str, compressed: str, out: str, calib, calib_tokens: int, steps: int = DISTILL_STEPS,
                      lr: float = 1e-3, batch_size: int = 8) -> dict:
     """The obvious alternative to healing: a short end-to-end distillation of COMPRESSED against
-    SRC on the same calibration tokens. Trainable: the router rows (and biases) and the routed
-    experts' down projections (what heal refits), AdamW at LR for STEPS steps over the
+    SRC on the same calibration tokens. Trainable: what heal may change (the router rows
+    and biases, every routed-expert weight, the shared expert's down projection), AdamW at LR for STEPS steps over the
     calibration batches in turn, loss = KL(original || compressed) per real token
     (moetool.compression.distill.kl_full). Written with heal's writer (only those tensors change)."""
     import torch
 
     from moetool.compression.distill import kl_full
-    from moetool.compression.heal import DOWN, DOWN_BIAS, calibration_ids, make_batches, write_healed, write_plan
+    from moetool.compression.heal import (calibration_ids, healed_values, make_batches, shared_down, shared_module,
+                                          write_healed, write_plan)
     from moetool.runtime.loading import load_model, moe_blocks
     from moetool.compression.surgery import Checkpoint, read_provenance
     from moetool.analysis.trace import _pad_id, read_texts
@@ -390,9 +396,11 @@ def distill_baseline(src: str, compressed: str, out: str, calib, calib_tokens: i
     params = []
     for p in student.model.parameters():
         p.requires_grad_(False)
-    for _L, _b, router, experts in moe_blocks(student):
-        params += list(router.parameters())
-        params += [getattr(experts, n) for n in (DOWN, DOWN_BIAS) if getattr(experts, n, None) is not None]
+    hidden = int(student.rc.fields["hidden_size"])
+    for _L, block, router, experts in moe_blocks(student):  # what heal may change
+        params += list(router.parameters()) + list(experts.parameters())
+        lin = shared_down(shared_module(student, block), hidden)
+        params += list(lin.parameters()) if lin is not None else []
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -410,7 +418,7 @@ def distill_baseline(src: str, compressed: str, out: str, calib, calib_tokens: i
     seconds = time.perf_counter() - t0
     prov = {**(read_provenance(compressed) or {}), "method": "distill-baseline"}
     card = f"# distilled baseline\n\n{compressed} distilled end to end against {src}: {steps} steps, lr {lr}.\n"
-    write_healed(ckpt, student, plan, {L for L, *_ in moe_blocks(student)}, Path(out), True, card, prov)
+    write_healed(ckpt, healed_values(plan, student), Path(out), True, card, prov)
     return {"seconds": seconds, "steps": steps, "tokens": sum(len(s) for s in seqs)}
 
 
@@ -451,7 +459,8 @@ def heal_markdown(rows: list[dict], meta: dict) -> list[str]:
              f" same {meta['calib_tokens']:,} calibration tokens of the train split, and measured on the same held-out"
              " text as above. The alternative, on the rows with a `distill` column: the compressed model distilled end"
              f" to end against the original on the same tokens, {DISTILL_STEPS} AdamW steps (lr 1e-3, one calibration"
-             " batch of 8 texts per step) on the router rows and the experts' down projections, loss"
+             " batch of 8 texts per step) on what heal may change (router rows, routed experts, the shared expert's down"
+             " projection), loss"
              " KL(original || compressed) per token. `s` = seconds of wall time for the whole command (loading both"
              " models, fitting, writing); the machine was shared with other jobs, so times are upper bounds.", "",
              "```",
@@ -498,10 +507,36 @@ def replace_heal_section(doc: str, section: list[str]) -> str:
     return doc.rstrip("\n") + "\n\n" + text
 
 
+def _one_model(model: str, ratios, seeds, calib: Path, calib_tokens: int, eval_tokens: int, seq_len: int, work: Path,
+               with_importance: bool, with_heal: bool, prune_methods, merges, distill_labels, threads: int | None) -> dict:
+    """Everything for one model (a worker process of its own with --jobs): rows, heal rows, importance."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    _log(f"{model}: building checkpoints")
+    made = build(model, ratios, seeds, calib, calib_tokens, work, prune_methods, merges)
+    extra = []
+    if with_heal:
+        _log(f"{model}: healing")
+        heal_all(model, made, calib, calib_tokens, distill_labels=distill_labels)
+        extra = [{"path": m[k]} for m in made for k in ("healed", "distilled") if m.get(k)]
+    _log(f"{model}: evaluating")
+    ev = evaluate(model, made + extra, eval_tokens, seq_len)
+    out = {"rows": summarize(model, made, ev), "heal_rows": heal_rows(model, made, ev), "importance": None}
+    for m in made + extra:
+        shutil.rmtree(m["path"], ignore_errors=True)
+    if with_importance:
+        _log(f"{model}: expert importance")
+        out["importance"] = importance(model, calib, calib_tokens, seq_len=seq_len)
+    return out
+
+
 def run_experiment(models=MODELS, ratios=(0.25, 0.5), seeds=(0, 1, 2, 3, 4), calib_tokens: int = 16384,
                    eval_tokens: int = 16384, seq_len: int = 64, work: Path = WORK, with_importance: bool = True,
                    with_heal: bool = True, prune_methods=PRUNE_METHODS, merges=MERGES,
-                   distill_labels=DISTILL_LABELS) -> dict:
+                   distill_labels=DISTILL_LABELS, jobs: int = 1) -> dict:
+    """JOBS > 1: the models in parallel worker processes (one torch thread each)."""
     t0 = time.perf_counter()
     imp: dict = {}
     shutil.rmtree(work, ignore_errors=True)
@@ -509,27 +544,26 @@ def run_experiment(models=MODELS, ratios=(0.25, 0.5), seeds=(0, 1, 2, 3, 4), cal
     try:
         calib = calibration_file(work / "calib.jsonl")
         rows, hrows = [], []
-        for model in models:
-            _log(f"{model}: building checkpoints")
-            made = build(model, ratios, seeds, calib, calib_tokens, work, prune_methods, merges)
-            extra = []
-            if with_heal:
-                _log(f"{model}: healing")
-                heal_all(model, made, calib, calib_tokens, distill_labels=distill_labels)
-                extra = [{"path": m[k]} for m in made for k in ("healed", "distilled") if m.get(k)]
-            _log(f"{model}: evaluating")
-            ev = evaluate(model, made + extra, eval_tokens, seq_len)
-            rows += summarize(model, made, ev)
-            hrows += heal_rows(model, made, ev)
-            for m in made + extra:
-                shutil.rmtree(m["path"], ignore_errors=True)
-            if with_importance:
-                _log(f"{model}: expert importance")
-                imp[model] = importance(model, calib, calib_tokens, seq_len=seq_len)
+        args = [(model, ratios, seeds, calib, calib_tokens, eval_tokens, seq_len, work, with_importance, with_heal,
+                 prune_methods, merges, distill_labels, 1 if jobs > 1 else None) for model in models]
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_one_model, *zip(*args)))
+        else:
+            results = [_one_model(*a) for a in args]
+        for model, res in zip(models, results):
+            rows += res["rows"]
+            hrows += res["heal_rows"]
+            if res["importance"] is not None:
+                imp[model] = res["importance"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows, "heal_rows": hrows, "calib_tokens": calib_tokens, "eval_tokens": eval_tokens,
-            "seq_len": seq_len, "seeds": list(seeds), "seconds": time.perf_counter() - t0, "importance": imp}
+            "seq_len": seq_len, "seeds": list(seeds), "seconds": time.perf_counter() - t0, "importance": imp,
+            "jobs": jobs}
 
 
 def main() -> None:
@@ -538,6 +572,9 @@ def main() -> None:
     ap.add_argument("--heal-only", action="store_true",
                     help="only the checkpoints that are healed, then only the healing section of the page is rewritten")
     ap.add_argument("--ratios", default="0.25,0.5", help="with --heal-only: the compression levels")
+    ap.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (train split)")
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per file")
+    ap.add_argument("--jobs", type=int, default=1, help="models in parallel (worker processes, one thread each)")
     ap.add_argument("--distill", default=",".join(DISTILL_LABELS),
                     help="with --heal-only: the rows that also get the distillation baseline (comma-separated labels)")
     args = ap.parse_args()
@@ -549,9 +586,10 @@ def main() -> None:
         ratios = tuple(float(r) for r in args.ratios.split(","))
         res = run_experiment(ratios=ratios, seeds=HEAL_SEEDS, with_importance=False,
                              prune_methods=("frequency", "reap"), merges=(("router", True),),
-                             distill_labels=tuple(x for x in DISTILL_LABELS if x in args.distill.split(",")))
+                             distill_labels=tuple(x for x in DISTILL_LABELS if x in args.distill.split(",")),
+                             calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, jobs=args.jobs)
     else:
-        res = run_experiment()
+        res = run_experiment(calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, jobs=args.jobs)
     import datetime
 
     sys.path.insert(0, str(ROOT / "bench"))

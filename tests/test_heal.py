@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import FIXTURES, assert_one_line_error, run_cli
 
 CALIB = FIXTURES / "corpus" / "train-prose.txt"
-FAST = dict(router_steps=3, experts_steps=3)
+FAST = dict(router_steps=3, experts_steps=3, holdout=0.0)  # 200 tokens of a random model: no held-out check
 # fixtures whose family heal refuses, with the words of its one-line refusal
 NOT_HEALED = {"tiny-llama4": "takes only hidden states",  # experts get every token, pre-scaled by routing
               "tiny-glm-moe-dsa": "one layer at a time"}  # layers pass the indexer's top-k to the next
@@ -182,7 +182,7 @@ def test_heal_observer_sees_what_each_block_gets_in_the_models_own_forward(tiny_
     seqs = [torch.randint(4, 200, (n,)).tolist() for n in (5, 17, 11, 30)]
     obs = HealObserver(loaded, loaded, HealOptions())
     got = {}
-    obs.heal = lambda L, x: got.__setitem__(L, x)  # collect only: heal nothing
+    obs.heal = lambda L, x, opts=None: got.__setitem__(L, x)  # collect only: heal nothing
     if NOT_HEALED.get(tiny_fixture.name) == "one layer at a time":
         from moetool.errors import MoetoolError
 
@@ -292,6 +292,46 @@ def test_heal_works_on_every_family(tiny_fixture, tmp_path):
     assert "healed" in card and "calib.txt" in card and "How the compressed model was made" in card
 
 
+def test_a_healed_block_worse_on_held_out_tokens_is_reverted():
+    """The keep / revert decision is made on calibration tokens the fit never saw: held-out
+    targets equal to what the block already outputs make any change worse there, so the block
+    (parameters and buffers) is restored, however much the fitted tokens improved."""
+    import torch
+
+    from moetool.compression.heal import HealOptions, _intermediate, heal_block, holdout_mask, run_block
+    from moetool.runtime.loading import load_model, moe_blocks
+
+    loaded = load_model(str(FIXTURES / "tiny-deepseek-v3"), dtype="float32")
+    H = int(loaded.rc.fields["hidden_size"])
+    _L, block, router, experts = moe_blocks(loaded)[0]
+    torch.manual_seed(0)
+    x = torch.randn(400, H)
+    y = run_block(block, x)
+    hold = holdout_mask(400, 0.1)
+    assert int(hold.sum()) == 40 and bool(hold[9]) and not bool(hold[8])
+    y[~hold] = 1.5 * y[~hold] + 0.1  # the fitted tokens ask for a change, the held-out ones for none
+    saved = {n: t.detach().clone() for n, t in block.state_dict().items()}
+    opts = HealOptions(router_steps=2, experts_steps=2)
+    info = heal_block(block, router, experts, x, y, H, _intermediate(experts, H), opts)
+    assert info["reverted"] and info["holdout_tokens"] == 40 and info["holdout_relative_before"] < 1e-10
+    assert all(torch.equal(saved[n], t) for n, t in block.state_dict().items())
+    y[hold] = 1.5 * y[hold] + 0.1  # now the held-out tokens agree with the fitted ones: kept
+    info = heal_block(block, router, experts, x, y, H, _intermediate(experts, H), opts)
+    assert not info["reverted"] and info["holdout_relative_after"] < info["holdout_relative_before"]
+
+
+def test_fit_selection_moves_a_choice_only_buffer_downhill():
+    import torch
+
+    from moetool.compression.heal import fit_selection
+
+    buf = torch.zeros(4)
+    best = torch.tensor([0.1, -0.05, 0.0, 0.2])
+    info = fit_selection(lambda: float(((buf - best) ** 2).sum()), buf, rounds=6, step=0.1)
+    assert info["loss_after"] < 0.01 * info["loss_before"] and info["moved"] > 0
+    assert torch.allclose(buf, best, atol=0.01)
+
+
 def test_heal_refuses_a_ref_that_is_not_the_origin(tmp_path):
     pruned = tmp_path / "pruned"
     _prune_for(FIXTURES / "tiny-mixtral", pruned)
@@ -351,3 +391,32 @@ def test_prune_and_merge_heal_flag(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "m", "p"]  # no temporary directories left
     res = run_cli("prune", src, "--keep", "4", "--by", "random", "--heal", "--out", tmp_path / "r")
     assert_one_line_error(res, "--heal needs calibration text")
+
+
+@pytest.mark.parametrize("fixture", ["tiny-deepseek-v3", "tiny-mixtral"])
+def test_streamed_heal_equals_resident_heal(fixture, tmp_path):
+    """heal --stream (both models read from disk one decoder layer at a time, healed layers kept on
+    disk until the checkpoint is written) gives the resident heal's checkpoint, up to float
+    rounding."""
+    import torch
+
+    from moetool.compression.heal import HealOptions, heal_checkpoint
+
+    src = FIXTURES / fixture
+    pruned = tmp_path / "pruned"
+    _prune_for(src, pruned)
+    calib = _calib(tmp_path)
+    res = {}
+    for stream in (False, True):
+        out = tmp_path / f"healed-{stream}"
+        res[stream] = heal_checkpoint(str(pruned), str(src), str(calib), str(out), max_tokens=200,
+                                      options=HealOptions(**FAST), load_options={"stream": stream}, progress=False)
+    assert res[True]["streamed"] and not res[False]["streamed"]
+    assert res[True]["tensors_rewritten"] == res[False]["tensors_rewritten"] > 0
+    a, b = _tensors(tmp_path / "healed-False"), _tensors(tmp_path / "healed-True")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+    for ra, rb in zip(res[False]["layers"], res[True]["layers"]):
+        assert ra["relative_after"] == pytest.approx(rb["relative_after"], rel=1e-4, abs=1e-9)
+    assert not list(tmp_path.glob(".healed-*"))  # the per-layer store is gone

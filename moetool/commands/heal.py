@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 from moetool.commands._loading_options import loading_options
-from moetool.compression.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAULT_ROUTER_REG, DEFAULT_ROUTER_STEPS
+from moetool.compression.heal import (DEFAULT_EXPERTS_STEPS, DEFAULT_HOLDOUT, DEFAULT_RIDGE, DEFAULT_ROUTER_REG,
+                                      DEFAULT_ROUTER_STEPS)
 
 
 @click.command("heal")
@@ -26,20 +27,28 @@ from moetool.compression.heal import DEFAULT_EXPERTS_STEPS, DEFAULT_RIDGE, DEFAU
               help="Down projections: ridge towards the current weights (relative to each expert's Gram matrix).")
 @click.option("--router-reg", type=click.FloatRange(min=0), default=DEFAULT_ROUTER_REG, show_default=True,
               help="Router rows: ridge towards the current rows (relative to the initial error).")
+@click.option("--holdout", type=click.FloatRange(min=0, max=0.5), default=DEFAULT_HOLDOUT, show_default=True,
+              help="Fraction of the calibration tokens kept out of the fit: a layer whose healed block is worse on "
+                   "them than before is restored (0: decide on the fitted tokens).")
+@click.option("--selection-rounds", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Rounds of a coordinate search on router buffers that only choose experts "
+                   "(DeepSeek's e_score_correction_bias); 0: kept as they are.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
-@loading_options(stream=False)
-def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, experts_steps, ridge, router_reg, force,
-            as_json, load_options) -> None:
+@loading_options(checkpoints=False)
+def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, experts_steps, ridge, router_reg, holdout,
+            selection_rounds, force, as_json, load_options) -> None:
     """Heal COMPRESSED (a `moetool prune` or `merge-experts` output) against --ref, the model it
     was made from: for each MoE layer in order, refit the router rows and the routed experts
-    (down projections in closed form) so that the block's output matches the original's on the
-    calibration text.
+    (down projections, the shared expert's too, in closed form) so that the block's output
+    matches the original's on the calibration text. --stream reads both models one decoder
+    layer at a time.
     Writes an ordinary checkpoint of the same shape (--out appears only when complete).
     """
     from moetool.compression.heal import HealOptions, heal_checkpoint
 
-    opts = HealOptions(router_steps=router_steps, experts_steps=experts_steps, ridge=ridge, router_reg=router_reg)
+    opts = HealOptions(router_steps=router_steps, experts_steps=experts_steps, ridge=ridge, router_reg=router_reg,
+                       holdout=holdout, selection_rounds=selection_rounds)
     result = heal_checkpoint(compressed, ref, file, out, max_tokens=max_tokens, batch_size=batch_size, options=opts,
                              force=force, load_options=load_options, progress=not as_json)
     if as_json:

@@ -8,39 +8,46 @@ through the model):
 
 1. **Inputs and target.** X = the hidden states that reach the block *in the compressed model
    so far* (earlier layers already healed, so their errors are corrected here rather than
-   compounded); target Y = the ORIGINAL block's output on those same X.
+   compounded); target Y = the ORIGINAL block's output on those same X. Every k-th token
+   (``holdout``, 10%) is kept out of the fit and decides step 5.
 2. **Router rows** (and a router bias where the family has one, gpt-oss) by a few L-BFGS
    steps on the block's output error, mean ||block(X) - Y||^2, plus a ridge pulling the rows
    towards their current values (scaled so that moving the rows by their own norm costs
    ``router_reg`` times the initial error). The routing weights are differentiable in the
    rows; which experts are chosen is not, and changes only as a side effect of the weights.
-   DeepSeek's ``e_score_correction_bias`` acts on the choice alone (it has no gradient) and is
-   left as it is.
-3. **Experts' down projections** in closed form, given the (new) routing. With the routing
-   weights w_tk and every expert's intermediate activations a_e(x) = act(gate x) * up x fixed,
-   the routed part of the block's output, sum_k w_tk (D_e a_e(x_t) + b_e), is linear in the
-   down matrices D_e (and biases b_e, gpt-oss), so fitting them to R = Y - (what the block adds
-   besides its routed experts: shared experts) is least squares. It is solved exactly: jointly
-   over all experts of the layer when that system is small, else per expert given the others,
-   swept (block Gauss-Seidel) until the error stops falling; each expert has a ridge towards
-   its current matrix, lambda_e = ``ridge`` x mean eigenvalue of
-   its Gram matrix, so a small calibration set cannot overfit and experts that see few tokens
-   barely move.
-4. A layer whose healed block does worse on its calibration tokens than before is left as it
-   was.
+   Router buffers that act on the choice alone (DeepSeek's ``e_score_correction_bias``) have
+   no gradient: an optional coordinate search (``selection_rounds``) moves them where that
+   lowers the error.
+3. **Down projections** in closed form, given the (new) routing. With the routing weights
+   w_tk and every expert's intermediate activations a_e(x) = act(gate x) * up x fixed, the
+   block's output, sum_k w_tk (D_e a_e(x_t) + b_e) + s_t S a_s(x_t) (a shared expert S with
+   its per-token factor s_t: 1, or a sigmoid gate), is linear in the down matrices D_e, S (and
+   biases), so fitting them to Y is least squares: the shared expert, which sees every token,
+   can take over what the removed experts did. It is solved exactly: jointly when the system
+   is small, else per matrix given the others, swept (block Gauss-Seidel) until the error stops
+   falling; each matrix has a ridge towards its current value, lambda = ``ridge`` x the mean
+   eigenvalue of its Gram matrix, so experts that see few tokens barely move.
+4. **All routed-expert weights** by L-BFGS with the routing fixed (ridge ``experts_reg``), then
+   step 3 again.
+5. A layer whose healed block does worse on the held-out calibration tokens than before is
+   restored.
 
-Shared experts, attention, norms and embeddings are never changed.
+Attention, norms, embeddings and the shared experts' other weights are never changed.
 
 The driver (:func:`heal_models`) is an observer on moetool's executor in layerwise mode
 (``HealObserver``): every decoder layer runs over all calibration batches with exactly the
 arguments the model's own forward passes it (per-layer-type attention masks, position
 embeddings), the MoE block's inputs are collected, and at the layer's end the block is healed
-and the layer's outputs recomputed before the next layer runs. Both models are held in memory
-(the original's blocks give the targets); streaming them layer by layer is not done yet.
+and the layer's outputs recomputed before the next layer runs. Either model may be streamed
+(moetool.runtime.streaming): the compressed model's layer is in memory while the executor runs
+it, the original's is read for its targets (``layer_in_memory``), and each healed layer's
+changed tensors go to a :class:`LayerStore` (on disk beside the output when streamed), so a
+model larger than memory heals in one pass over its layers.
 
 The output is an ordinary checkpoint of the same family and expert count: only the changed
-tensors (router rows, down projections) are written anew, every other tensor is copied byte
-for byte, atomically like every moetool output, with a model card and ``moetool.json``.
+tensors (router rows, expert projections, shared down projections) are written anew, every
+other tensor is copied byte for byte, atomically like every moetool output, with a model card
+and ``moetool.json``.
 """
 
 from __future__ import annotations
@@ -60,11 +67,12 @@ from moetool.runtime.executor import Observer
 DOWN = "down_proj"
 DOWN_BIAS = "down_proj_bias"
 
-DEFAULT_RIDGE = 0.01
-DEFAULT_ROUTER_STEPS = 5
-DEFAULT_ROUTER_REG = 0.1
-DEFAULT_EXPERTS_STEPS = 10
-DEFAULT_EXPERTS_REG = 0.1
+DEFAULT_RIDGE = 0.1
+DEFAULT_ROUTER_STEPS = 10
+DEFAULT_ROUTER_REG = 1.0
+DEFAULT_EXPERTS_STEPS = 20
+DEFAULT_EXPERTS_REG = 1.0
+DEFAULT_HOLDOUT = 0.1
 CHUNK_TOKENS = 4096
 
 
@@ -80,6 +88,7 @@ class HealOptions:
     shared: bool = False  # step 3 also refits what the block has besides routed experts (shared experts)
     shared_down: bool = True  # steps 2 and 3 fit the shared expert's down projection jointly with the routed ones
     selection_rounds: int = 0  # coordinate-search rounds on selection-only router buffers (e_score_correction_bias)
+    holdout: float = DEFAULT_HOLDOUT  # fraction of calibration tokens kept out of the fit to decide keep / revert
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -620,10 +629,15 @@ def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: Heal
     started = time.perf_counter()
     x = x.detach()
     y = y.detach().float()
+    hold = holdout_mask(x.shape[0], opts.holdout)
+    xv, yv = x[hold], y[hold]  # never fitted: they decide whether the healed block is kept
+    x, y = x[~hold], y[~hold]
     ref_power = float((y ** 2).mean())
     before = float(((run_block(block, x).float() - y) ** 2).mean())
     info: dict[str, Any] = {"tokens": int(x.shape[0]), "mse_before": before,
-                            "relative_before": before / max(ref_power, 1e-30)}
+                            "relative_before": before / max(ref_power, 1e-30), "holdout_tokens": int(xv.shape[0])}
+    val_power = float((yv ** 2).mean()) if xv.shape[0] else 0.0
+    val_before = float(((run_block(block, xv).float() - yv) ** 2).mean()) if xv.shape[0] else 0.0
     params = _router_params(router)
     down = getattr(experts, DOWN, None)
     saved_block = [p.detach().clone() for p in block.parameters()]
@@ -667,20 +681,38 @@ def heal_block(block, router, experts, x, y, hidden: int, inter: int, opts: Heal
             _i, _w, rest, shared = _probe_block(block, experts, lin, x)
             info["down"] = _refit_down(experts, x, idx, w, y - rest, hidden, inter, opts, shared)
     after = float(((run_block(block, x).float() - y) ** 2).mean())
-    if after >= before:  # never worse on the calibration tokens
+    val_after = float(((run_block(block, xv).float() - yv) ** 2).mean()) if xv.shape[0] else 0.0
+    worse = val_after >= val_before if xv.shape[0] else after >= before
+    if worse:  # never worse on the held-out calibration tokens (or, without them, on the fitted ones)
         with torch.no_grad():
             for p, q in zip(block.parameters(), saved_block):
                 p.copy_(q)
             for b, q in zip(block.buffers(), saved_buffers):
                 b.copy_(q)
-        after = before
+        after, val_after = before, val_before
         info["reverted"] = True
     else:
         info["reverted"] = False
     info["mse_after"] = after
     info["relative_after"] = after / max(ref_power, 1e-30)
+    if xv.shape[0]:
+        info["holdout_relative_before"] = val_before / max(val_power, 1e-30)
+        info["holdout_relative_after"] = val_after / max(val_power, 1e-30)
     info["seconds"] = round(time.perf_counter() - started, 3)
     return info
+
+
+def holdout_mask(n: int, fraction: float):
+    """Every k-th of N calibration tokens (k = round(1 / FRACTION)) held out of the fit, so that
+    whether a healed block is kept is decided on tokens it was not fitted to; none below 20
+    tokens or with FRACTION 0."""
+    import torch
+
+    mask = torch.zeros(n, dtype=torch.bool)
+    if fraction > 0 and n >= 20:
+        k = max(2, round(1 / fraction))
+        mask[k - 1::k] = True
+    return mask
 
 
 # -- calibration tokens ------------------------------------------------------------------------------------------
@@ -730,14 +762,16 @@ class HealObserver(Observer):
 
     needs_logits = False
 
-    def __init__(self, ref_loaded, loaded, opts: HealOptions, log=None):
+    def __init__(self, ref_loaded, loaded, opts: HealOptions, log=None, ckpt=None, store=None):
         from moetool.runtime.loading import moe_blocks
 
+        self.ref_loaded, self.loaded = ref_loaded, loaded
         self.ref_blocks = {L: blk for L, blk, _r, _e in moe_blocks(ref_loaded)}
         self.blocks = {L: (blk, router, experts) for L, blk, router, experts in moe_blocks(loaded)}
         self.shared = {L: shared_module(loaded, blk) for L, (blk, _r, _e) in self.blocks.items()}
         self.hidden = int(loaded.rc.fields["hidden_size"])
         self.opts, self.log = opts, log
+        self.ckpt, self.store = ckpt, store  # with a checkpoint: each healed layer's tensors kept in STORE
         self.inputs: dict[int, list] = {}
         self.rows: list[dict] = []
         self.fitting = False
@@ -760,11 +794,14 @@ class HealObserver(Observer):
 
         return hook
 
-    def heal(self, L: int, x) -> dict:
+    def heal(self, L: int, x, opts: HealOptions | None = None) -> dict:
+        from moetool.runtime.streaming import layer_in_memory
+
         blk, router, experts = self.blocks[L]
-        y = run_block(self.ref_blocks[L], x)
-        return heal_block(blk, router, experts, x, y, self.hidden, _intermediate(experts, self.hidden), self.opts,
-                          shared_mod=self.shared[L])
+        with layer_in_memory(self.ref_loaded, L):  # a streamed original: this layer read from disk, freed after
+            y = run_block(self.ref_blocks[L], x)
+        return heal_block(blk, router, experts, x, y, self.hidden, _intermediate(experts, self.hidden),
+                          opts or self.opts, shared_mod=self.shared[L])
 
     def layer_end(self, layer: int) -> bool:
         import torch
@@ -772,28 +809,69 @@ class HealObserver(Observer):
         if layer not in self.blocks:
             return False
         x = torch.cat(self.inputs.pop(layer))
+        opts, plan = self.opts, None
+        if self.ckpt is not None:  # which on-disk tensors this layer's healing changes (the layer is in memory now)
+            plan = write_plan(self.ckpt, self.loaded, {layer})
+            if opts.shared_down and not plan_covers_shared(plan, self.loaded):
+                opts = HealOptions(**{**opts.as_dict(), "shared_down": False})
         self.fitting = True
         try:
-            info = self.heal(layer, x)
+            info = self.heal(layer, x, opts)
         finally:
             self.fitting = False
         if info is None:
             return False
         info["layer"] = layer
         self.rows.append(info)
+        if plan is not None and not info["reverted"] and self.store is not None:
+            self.store.put(layer, healed_values(plan, self.loaded))
         if self.log:
             self.log(f"layer {layer}: block error {info['relative_before']:.4f} -> {info['relative_after']:.4f} "
                      f"(relative), {info['seconds']:.1f} s")
         return not info["reverted"]
 
 
+class LayerStore:
+    """The healed tensors of each layer, kept until the checkpoint is written: in memory, or in a
+    directory (one safetensors file per layer) so that a streamed model's healed layers need not
+    stay in memory."""
+
+    def __init__(self, directory: Path | None = None):
+        self.dir = directory
+        self.names: dict[str, Any] = {}
+
+    def put(self, layer: int, values: dict) -> None:
+        if self.dir is None:
+            self.names.update(values)
+            return
+        from safetensors.torch import save_file
+
+        path = self.dir / f"layer-{layer:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in values.items()}, str(path))
+        self.names.update({k: path for k in values})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def get(self, name: str):
+        v = self.names[name]
+        if isinstance(v, Path):
+            from safetensors import safe_open
+
+            with safe_open(str(v), "pt") as fh:
+                return fh.get_tensor(name)
+        return v
+
+
 def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOptions, batch_size: int = 8,
-                log=None, progress=None) -> list[dict]:
+                log=None, progress=None, ckpt=None, store=None) -> list[dict]:
     """Heal LOADED (the compressed model, in place) against REF_LOADED (its original) on the
     calibration token SEQUENCES, one decoder layer at a time (moetool.runtime.executor, layerwise mode:
     every decoder layer runs over all batches with exactly the arguments the model's own forward
-    passes it: attention masks by layer type, position embeddings). Both models are held in
-    memory. Returns one row per MoE layer."""
+    passes it: attention masks by layer type, position embeddings). Either model may be streamed
+    (moetool.runtime.streaming: each layer read from disk when it runs, freed after); with CKPT
+    (the compressed checkpoint) the healed tensors of each layer go to STORE (a LayerStore) while
+    the layer is in memory. Returns one row per MoE layer."""
     from moetool.runtime.executor import Executor
 
     from moetool.runtime.loading import moe_blocks
@@ -802,7 +880,7 @@ def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOption
         check_experts_take_routing(experts, loaded.family.name)
     for m in (loaded.model, ref_loaded.model):
         _eager_experts(m)
-    observer = HealObserver(ref_loaded, loaded, opts, log)
+    observer = HealObserver(ref_loaded, loaded, opts, log, ckpt=ckpt, store=store)
     Executor(loaded, batch_size=batch_size, mode="layerwise", progress=progress, description="heal").run(
         sequences, [observer])
     return observer.rows
@@ -879,18 +957,21 @@ def _pieces(value, disk_shape) -> list[tuple]:
     return out
 
 
-def write_plan(ckpt, loaded) -> dict[str, _Target]:
+def write_plan(ckpt, loaded, layers: set[int] | None = None) -> dict[str, _Target]:
     """For every on-disk tensor that healing may change (router rows and biases, every routed
     expert tensor), where its value lives in the loaded model: the router's tensor of the same
     name, or an experts-module parameter (the whole of it, one expert's matrix, or a half /
     every other row of it, possibly transposed), found by comparing values with the bytes on
     disk, so every family's conversion between disk and memory layouts is followed exactly, and
-    a layout that cannot be followed fails here, before any work."""
+    a layout that cannot be followed fails here, before any work. LAYERS: only those layers'
+    tensors (which must be in memory)."""
     import torch
 
     from moetool.compression.surgery import classify
 
     mods = _healable_modules(loaded)
+    if layers is not None:
+        mods = {L: m for L, m in mods.items() if L in layers}
     plan: dict[str, _Target] = {}
     for name, ent in ckpt.entries.items():
         kind = classify(ckpt, name)
@@ -951,6 +1032,8 @@ def plan_covers_shared(plan: dict[str, _Target], loaded) -> bool:
     mods = _healable_modules(loaded)
     hidden = int(loaded.rc.fields["hidden_size"])
     for L, m in mods.items():
+        if not any(t.layer == L for t in plan.values()):
+            continue  # a layer the plan does not cover
         lin = shared_down(m["shared"], hidden)
         if lin is None:
             continue
@@ -984,40 +1067,43 @@ def _shared_target(layer: int, mods: dict, disk) -> _Target | None:
     return None
 
 
-def write_healed(ckpt, loaded, plan: dict[str, _Target], healed_layers: set[int], out: Path, force: bool,
-                 card: str, provenance: dict) -> dict:
-    """Write the healed checkpoint to OUT: the tensors of PLAN in HEALED_LAYERS whose values
-    changed, from the loaded model; every other tensor copied byte for byte from CKPT; same shard
-    files, index, config and side files; README.md = CARD; moetool.json = PROVENANCE (a
-    moetool.checkpoint.outdir marker). Atomic."""
+def healed_values(plan: dict[str, _Target], loaded, layers: set[int] | None = None) -> dict:
+    """{on-disk name: its value now in LOADED (a CPU copy)} for PLAN's tensors (in LAYERS)."""
+    mods = _healable_modules(loaded)
+    return {name: t.value(mods).detach().to("cpu", copy=True) for name, t in plan.items()
+            if layers is None or t.layer in layers}
+
+
+def write_healed(ckpt, values, out: Path, force: bool, card: str, provenance: dict) -> dict:
+    """Write the healed checkpoint to OUT: the tensors in VALUES (a mapping of on-disk name to new
+    value, e.g. a LayerStore) whose values changed; every other tensor copied byte for byte from
+    CKPT; same shard files, index, config and side files; README.md = CARD; moetool.json =
+    PROVENANCE (a moetool.checkpoint.outdir marker). Atomic."""
     import json
 
     import torch
 
     from moetool.checkpoint.outdir import atomic_output_dir, check_disk_space
-    from moetool.compression.surgery import (INDEX_NAME, OutTensor, _copy_side_files, _copy_tensor, torch_dtype, write_safetensors,
-                                 write_tensor_bytes)
+    from moetool.compression.surgery import (INDEX_NAME, OutTensor, _copy_side_files, _copy_tensor, torch_dtype,
+                                             write_safetensors, write_tensor_bytes)
 
-    mods = _healable_modules(loaded)
     rewritten = 0
     shards = []
     for path in ckpt.files:
         tensors = []
         for ent in ckpt.file_entries[path]:
-            t = plan.get(ent.name)
-            if t is not None and t.layer in healed_layers:
-                value = t.value(mods).to(torch_dtype(ent.dtype)).contiguous()
-                if torch.equal(value, ckpt.read(ent.name)):
-                    t = None  # unchanged: copied
-            if t is None or t.layer not in healed_layers:
-                tensors.append(_copy_tensor(ckpt, ent, ent.name))
-                continue
+            if ent.name in values:
+                value = values.get(ent.name).to(torch_dtype(ent.dtype)).contiguous()
+                if tuple(value.shape) != tuple(ent.shape):
+                    raise MoetoolError(f"internal: healed {ent.name} has shape {list(value.shape)}, on disk {ent.shape}")
+                if not torch.equal(value, ckpt.read(ent.name)):
+                    def write(fd, name=ent.name, dtype=ent.dtype):
+                        write_tensor_bytes(fd, values.get(name).to(torch_dtype(dtype)).contiguous())
 
-            def write(fd, value=value):
-                write_tensor_bytes(fd, value)
-
-            tensors.append(OutTensor(ent.name, ent.dtype, ent.shape, ent.nbytes, write, ent.nbytes))
-            rewritten += 1
+                    tensors.append(OutTensor(ent.name, ent.dtype, ent.shape, ent.nbytes, write, ent.nbytes))
+                    rewritten += 1
+                    continue
+            tensors.append(_copy_tensor(ckpt, ent, ent.name))
         shards.append((path, tensors))
     total = sum(t.nbytes for _, ts in shards for t in ts)
     check_disk_space(out.resolve().parent, total + 2**20)
@@ -1079,6 +1165,9 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
     from moetool.compression.surgery import Checkpoint
     from moetool.analysis.trace import read_texts
 
+    import shutil
+    import tempfile
+
     started = time.perf_counter()
     opts = options or HealOptions()
     if opts.router_steps < 0 or opts.ridge < 0 or opts.router_reg < 0 or opts.sweeps < 1:
@@ -1098,21 +1187,27 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
                            f"{rc.family.layerwise_unsupported}")
     texts = read_texts((), file)
     load_options = dict(load_options or {})
-    if load_options.pop("stream", None) or load_options.pop("run_dir", None) or load_options.pop("resume", None):
-        raise MoetoolError("heal holds both models in memory: --stream, --run-dir and --resume are not supported yet")
-    loaded = load_model(compressed, **load_options, stream=False)
-    ref_loaded = load_model(ref, **load_options, stream=False)
+    if load_options.pop("run_dir", None) or load_options.pop("resume", None):
+        raise MoetoolError("heal cannot be resumed: --run-dir and --resume are not supported")
+    stream = load_options.pop("stream", False)
+    loaded = load_model(compressed, **load_options, stream=stream)
+    ref_loaded = load_model(ref, **load_options, stream=stream)
+    streamed = getattr(loaded, "layer_reader", None) is not None
+    spill = None
+    if streamed:  # healed layers wait on disk beside OUT, not in memory
+        parent = Path(out).expanduser().resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        spill = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.layers-", dir=parent))
     try:
-        plan = write_plan(ckpt, loaded)
-        if opts.shared_down and not plan_covers_shared(plan, loaded):
-            opts = HealOptions(**{**opts.as_dict(), "shared_down": False})
+        if not streamed:
+            write_plan(ckpt, loaded)  # every layer's layout followed before any work
         if loaded.tokenizer is None:
             raise MoetoolError(f"{compressed}: no tokenizer in this checkpoint; cannot read the calibration text")
         seqs = calibration_ids(loaded.tokenizer, texts, max_tokens)
+        store = LayerStore(spill)
         t0 = time.perf_counter()
-        layers = heal_models(ref_loaded, loaded, seqs, opts, batch_size=batch_size, log=log)
+        layers = heal_models(ref_loaded, loaded, seqs, opts, batch_size=batch_size, log=log, ckpt=ckpt, store=store)
         fit_seconds = time.perf_counter() - t0
-        healed = {r["layer"] for r in layers if not r["reverted"]}
         tokens = sum(len(s) for s in seqs)
         calibration = {"file": str(file), "sha256": file_digest(file), "tokens": tokens, "texts": len(seqs)}
         if max_tokens is not None:
@@ -1129,11 +1224,14 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         result = {"model": display_name or compressed, "ref": ref, "out": str(out), "family": rc.family.name,
                   "num_experts": int(rc.num_experts), "calibration": calibration, "options": opts.as_dict(),
                   "layers": layers, "fit_seconds": round(fit_seconds, 3)}
+        result["streamed"] = streamed
         card = _card(result, ckpt)
-        written = write_healed(ckpt, loaded, plan, healed, Path(out), force, card, provenance)
+        written = write_healed(ckpt, store, Path(out), force, card, provenance)
     finally:
         del loaded, ref_loaded
         gc.collect()
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     result.update(written)
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
@@ -1151,9 +1249,11 @@ def _card(result: dict, ckpt) -> str:
              f"per MoE layer) healed by moetool against its original `{result['ref']}`: each MoE layer in turn, on the "
              "hidden states that reach it in the healed model so far, the router rows were refitted by "
              f"{o['router_steps']} L-BFGS steps, the routed experts' weights by {o['experts_steps']} L-BFGS steps with "
-             f"the routing fixed, and their down projections by ridge least squares (ridge {o['ridge']}) so that "
-             "the block's output matches the original block's on the same inputs. "
-             "Shared experts, attention, embeddings and norms are unchanged; so are the expert count and config.",
+             f"the routing fixed, and their down projections (with the shared expert's, where there is one) by ridge "
+             f"least squares (ridge {o['ridge']}) so that the block's output matches the original block's on the same "
+             f"inputs; a layer that did not improve on {o.get('holdout', 0):.0%} of the calibration tokens kept out of "
+             "the fit was restored. Attention, embeddings, norms and the rest of the shared experts are unchanged; so "
+             "are the expert count and config.",
              "",
              f"- Written by: moetool {__version__} (`moetool heal`)",
              f"- Calibration text: `{cal['file']}` (sha256 `{cal['sha256'][:16]}...`), {cal['tokens']:,} tokens "
@@ -1162,15 +1262,17 @@ def _card(result: dict, ckpt) -> str:
              "",
              "## Block output error per MoE layer",
              "",
-             "Mean squared error of the block's output against the original block's on the calibration tokens, "
-             "relative to the mean square of the original block's output.",
+             "Mean squared error of the block's output against the original block's on the fitted calibration "
+             "tokens and on the held-out ones, relative to the mean square of the original block's output.",
              "",
-             "| layer | before | after | router refit kept | down projections solved |",
-             "|---:|---:|---:|---|---:|"]
+             "| layer | before | after | held out before | held out after | router refit kept | down projections solved |",
+             "|---:|---:|---:|---:|---:|---|---:|"]
     for r in result["layers"]:
         router = r.get("router") or {}
         down = r.get("down") or {}
+        hb, ha = r.get("holdout_relative_before"), r.get("holdout_relative_after")
         lines.append(f"| {r['layer']} | {r['relative_before']:.4f} | {r['relative_after']:.4f} | "
+                     f"{'-' if hb is None else format(hb, '.4f')} | {'-' if ha is None else format(ha, '.4f')} | "
                      f"{'reverted' if r['reverted'] else ('yes' if router.get('kept') else 'no')} | "
                      f"{'-' if not down else ('jointly' if down.get('sweeps') == 0 else str(down['sweeps']) + ' sweeps')} |")
     previous = (ckpt.path / "README.md")
@@ -1197,6 +1299,7 @@ def heal_after(write, model: str, out: str, file: str | None, max_tokens: int | 
         raise MoetoolError("--heal needs calibration text: give --file TEXT")
     parent = Path(out).expanduser().resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.unhealed-", dir=parent))
+    load_options = {k: v for k, v in (load_options or {}).items() if k not in ("run_dir", "resume")}  # the calibration's
     try:
         result = write(tmp / "compressed")
         result["heal"] = heal_checkpoint(str(tmp / "compressed"), model, file, out, max_tokens=max_tokens,
