@@ -167,6 +167,12 @@ class Family:
         """Why the model cannot run one decoder layer at a time (--stream, heal), or None."""
         return self.spec["runtime"].get("layerwise_unsupported")
 
+    @property
+    def stream_unsupported(self) -> str | None:
+        """Why the layer reader cannot build the model's layers from its checkpoint (--stream only: the model runs
+        layer by layer in memory, as heal does), or None."""
+        return self.spec["runtime"].get("stream_unsupported")
+
     def resolve(self, config: dict) -> ResolvedConfig:
         from moetool.families.validate import resolve_validated  # every field moetool uses, checked
 

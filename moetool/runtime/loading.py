@@ -267,7 +267,7 @@ def load_model(
 
     register_causal_lm(source.config.get("model_type"))
     budget = parse_max_memory(max_memory)
-    no_layerwise = rc.family.layerwise_unsupported
+    no_layerwise = rc.family.layerwise_unsupported or rc.family.stream_unsupported
     if stream and no_layerwise:
         raise MoetoolError(f"{model}: a {rc.family.name} model cannot run one layer at a time: {no_layerwise} "
                            "(run it with --no-stream)")
