@@ -251,9 +251,24 @@ def test_heal_works_on_every_family(tiny_fixture, tmp_path):
 
     from moetool.compression.heal import HealOptions, heal_checkpoint
     from moetool.compression.surgery import Checkpoint, classify, read_provenance
+    from moetool.errors import MoetoolError
+    from moetool.families import family_for_config
 
     pruned = tmp_path / "pruned"
+    family = family_for_config(json.loads((tiny_fixture / "config.json").read_text()))
+    refusal = (family.spec.get("surgery") or {}).get("unsupported")
+    if refusal:  # DeepSeek-V4's token-id routing table: nothing to heal, the prune before it is refused
+        with pytest.raises(MoetoolError, match="cannot cut experts") as exc:
+            _prune_for(tiny_fixture, pruned)
+        assert refusal in str(exc.value) and not pruned.exists()
+        return
     _prune_for(tiny_fixture, pruned)
+    if family.layerwise_unsupported:  # Gemma 4: the MoE block is the decoder layer; heal says so in one line
+        with pytest.raises(MoetoolError, match="cannot heal") as exc:
+            heal_checkpoint(str(pruned), str(tiny_fixture), str(_calib(tmp_path)), str(tmp_path / "healed"),
+                            max_tokens=200, options=HealOptions(**FAST), progress=False)
+        assert "\n" not in str(exc.value) and not (tmp_path / "healed").exists()
+        return
     before = _tensors(pruned)
     stamp = {p.name: p.stat().st_mtime_ns for p in pruned.iterdir()}
     out = tmp_path / "healed"

@@ -37,12 +37,16 @@ def test_load_and_find_moe_blocks(fixture):
     assert [L for L, *_ in blocks] == list(lm.rc.moe_layers) and blocks
     layout = next(lay for lay in lm.family.runtime_layouts if not lay.get("disk"))  # the module tree's names
     for L, block, router, experts in blocks:
-        assert block is lm.model.get_submodule(layout["block"].replace("{L}", str(L)))  # mlp, feed_forward, ...
+        # mlp, feed_forward, Nemotron-H's mixer, Gemma 4's decoder layer itself
+        assert block is lm.model.get_submodule(layout["block"].replace("{L}", str(L)))
         assert router_weight(router, lm.rc.num_experts).shape == (lm.rc.num_experts, lm.rc.hidden_size)
-        assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == lm.rc.num_experts
+        fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+        assert fused and all(p.shape[0] == lm.rc.num_experts for p in fused)  # gate_up/down, Nemotron-H's up/down
     info = lm.load_info()
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    assert params <= info["weight_bytes"] <= params + 4096  # plus buffers (rotary, score-correction bias)
+    buffers = sum(b.numel() * b.element_size() for n, b in lm.model.named_buffers())
+    # plus buffers (rotary, score-correction bias, DeepSeek-V4's token-to-expert table)
+    assert params <= info["weight_bytes"] <= params + max(buffers, 4096)
     expert_params = sum(p.numel() for *_, e in blocks for p in e.parameters()) * 4  # gpt-oss: + biases
     assert info["expert_weight_bytes"] == expert_params
     assert info["quantization"] == "none" and info["dtype"] == "float32" and info["devices"] == {"cpu": 1}
@@ -288,7 +292,8 @@ def test_load_in_4bit_runs_every_fixture_on_each_cpu_path(monkeypatch, fixture, 
     for name, layer in linear4bit_layers(lm.model):
         assert quant.linear4bit_problem(layer.out_features, layer.in_features, "cpu") is None, name
     for k in lm.quant_report["kept_in_compute_dtype"]:
-        kept = modules[k["module"]]  # nn.Linear, or a router that is one (Phi-3.5-MoE, Llama 4)
+        kept = modules[k["module"]]  # nn.Linear, or a subclass (routers of Phi-3.5-MoE and Llama 4, DeepSeek-V4's
+        # grouped output projection)
         assert isinstance(kept, nn.Linear) and not type(kept).__module__.startswith("bitsandbytes")
         assert quant.linear4bit_problem(*k["shape"], "cpu") == k["reason"]
     assert _next_token_kl(loaded(str(fixture)).model, lm.model, lm.tokenizer) < _max_kl(fixture)
