@@ -35,7 +35,9 @@ TEXT = ("def route(tokens):\n    return sorted(tokens, key=len)\n"
         "The router sends each token to two experts; their outputs are mixed by weight.")
 # fixture -> command -> the words its one-line refusal must contain (a deliberate, documented refusal)
 _SEVERAL = "a layer has several experts modules"  # JetMoE: mixture of attention heads beside the MoE MLP
-REFUSED: dict[str, dict[str, str]] = {"derived-jetmoe": {"prune": _SEVERAL, "merge-experts": _SEVERAL}}
+_HASHED = "fixed token-id -> expert table"  # DeepSeek-V4's first layers route by token id (tid2eid)
+REFUSED: dict[str, dict[str, str]] = {"derived-jetmoe": {"prune": _SEVERAL, "merge-experts": _SEVERAL},
+                                      "tiny-deepseek-v4": {"prune": _HASHED, "merge-experts": _HASHED}}
 
 
 def _refusal(fixture: Path, command: str):

@@ -15,7 +15,8 @@ CALIB = FIXTURES / "corpus" / "train-prose.txt"
 FAST = dict(router_steps=3, experts_steps=3, holdout=0.0)  # 200 tokens of a random model: no held-out check
 # fixtures whose family heal refuses, with the words of its one-line refusal
 NOT_HEALED = {"tiny-llama4": "takes only hidden states",  # experts get every token, pre-scaled by routing
-              "tiny-glm-moe-dsa": "one layer at a time"}  # layers pass the indexer's top-k to the next
+              "tiny-glm-moe-dsa": "one layer at a time",  # layers pass the indexer's top-k to the next
+              "tiny-gemma4": "one layer at a time"}  # the MoE block is the decoder layer itself
 
 
 def _calib(tmp_path: Path, chars: int = 6000) -> Path:
