@@ -1309,3 +1309,16 @@ def heal_after(write, model: str, out: str, file: str | None, max_tokens: int | 
         shutil.rmtree(tmp, ignore_errors=True)
     result["out"] = str(out)
     return result
+
+
+def write_compressed(ckpt, plan, out, card, force: bool, progress, heal: bool, model: str, file: str | None,
+                     max_tokens: int | None, batch_size: int, heal_options: HealOptions | None,
+                     load_options: dict | None) -> dict:
+    """The surgery PLAN on CKPT written to OUT (prune and merge-experts), healed against MODEL on
+    FILE first when HEAL (--heal)."""
+    from moetool.compression.surgery import run_surgery
+
+    if not heal:
+        return run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
+    return heal_after(lambda path: run_surgery(ckpt, plan, path, card=card, progress=progress), model, out,
+                      file, max_tokens, batch_size, heal_options, force, load_options, progress)

@@ -212,7 +212,7 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
     from moetool.compression.prune import expert_config_updates, gather_stats, group_plan, keep_count
     import time
 
-    from moetool.compression.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
+    from moetool.compression.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output
 
     started = time.perf_counter()
     if similarity not in SIMILARITIES:
@@ -276,13 +276,10 @@ def merge_checkpoint(model: str, out: str, to: int, similarity: str = "router", 
     def card(result: dict) -> str:
         return _card({**result, "merge": merge_info})
 
-    if heal:
-        from moetool.compression.heal import heal_after
+    from moetool.compression.heal import write_compressed
 
-        result = heal_after(lambda path: run_surgery(ckpt, plan, path, card=card, progress=progress), model, out,
-                            file, max_tokens, batch_size, heal_options, force, load_options, progress)
-    else:
-        result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
+    result = write_compressed(ckpt, plan, out, card, force, progress, heal, model, file, max_tokens, batch_size,
+                              heal_options, load_options)
     result["merge"] = merge_info
     result["total_seconds"] = round(time.perf_counter() - started, 3)  # with calibration and grouping
     return result

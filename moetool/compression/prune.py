@@ -345,7 +345,7 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
     heal the pruned model against MODEL on the same calibration text (moetool.compression.heal)."""
     import time
 
-    from moetool.compression.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output, run_surgery
+    from moetool.compression.surgery import Checkpoint, OutExpert, SurgeryPlan, check_output
 
     started = time.perf_counter()
     ckpt = Checkpoint(model)
@@ -390,13 +390,10 @@ def prune_checkpoint(model: str, out: str, keep: int | None = None, ratio: float
     def card(result: dict) -> str:
         return _card({**result, "selection": selection})
 
-    if heal:
-        from moetool.compression.heal import heal_after
+    from moetool.compression.heal import write_compressed
 
-        result = heal_after(lambda path: run_surgery(ckpt, plan, path, card=card, progress=progress), model, out,
-                            file, max_tokens, batch_size, heal_options, force, load_options, progress)
-    else:
-        result = run_surgery(ckpt, plan, out, force=force, card=card, progress=progress)
+    result = write_compressed(ckpt, plan, out, card, force, progress, heal, model, file, max_tokens, batch_size,
+                              heal_options, load_options)
     result["selection"] = selection
     result["total_seconds"] = round(time.perf_counter() - started, 3)  # with calibration
     return result

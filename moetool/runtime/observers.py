@@ -322,7 +322,7 @@ class ExpertProbe(Observer):
         for L, _block, _router, experts in self.blocks:  # gpt-oss names them (hidden, router_indices, routing_weights)
             if not experts_take_indices(experts):
                 raise MoetoolError("REAP scores and expert-output similarity run each expert on its own tokens, and "
-                                   f"this model's experts module takes only hidden states (the routing is applied "
+                                   "this model's experts module takes only hidden states (the routing is applied "
                                    "before it): use --by frequency, weight or random (merge: --similarity router "
                                    "or weight)")
             hooks.pre(experts, self._hook(L), with_kwargs=True)
