@@ -19,6 +19,21 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+def params_without_torch(model) -> tuple[subprocess.CompletedProcess, float]:
+    """`moetool params MODEL --json` in a fresh interpreter that fails if torch or transformers
+    got imported; returns the result and the process's wall time in seconds."""
+    import time
+
+    code = (
+        "import sys; from moetool.cli import main\n"
+        f"try:\n    main(['params', {str(model)!r}, '--json'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+    )
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    return result, time.perf_counter() - t0
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, needle: str = "") -> None:
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr, result.stderr

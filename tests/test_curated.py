@@ -181,20 +181,9 @@ def test_curated_presets_match_published_figures(name):
                                   "mistral-small-4-119b", "longcat-flash", "nemotron-3-nano-30b-a3b",
                                   "gemma-4-26b-a4b", "deepseek-v4-flash"])
 def test_curated_params_needs_no_torch(name):
-    import subprocess
-    import sys
-    import time
+    from conftest import params_without_torch
 
-    from conftest import ROOT
-
-    code = (
-        "import sys; from moetool.cli import main\n"
-        f"try:\n    main(['params', {name!r}, '--json'])\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
-    )
-    t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
+    result, wall = params_without_torch(name)
     assert result.returncode == 0, result.stderr
     assert wall < 1.0, f"moetool params {name} took {wall:.2f}s"
 

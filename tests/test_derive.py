@@ -4,13 +4,10 @@ transformers' own model on the meta device counts it."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, params_without_torch, run_cli
 
 pytest.importorskip("transformers")
 
@@ -167,14 +164,7 @@ def test_cached_derived_params_is_fast_without_transformers(tmp_path):
     path.write_text(json.dumps(tiny_config("minimax_m2")))
     first = run_cli("params", path, "--json")
     assert first.returncode == 0, first.stderr
-    code = (
-        "import sys, time; from moetool.cli import main\n"
-        f"try:\n    main(['params', {str(path)!r}, '--json'])\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
-    )
-    t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
+    result, wall = params_without_torch(path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["total"] == json.loads(first.stdout)["total"]
     assert wall < 1.0, f"cached derived params took {wall:.2f}s"

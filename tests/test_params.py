@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT, assert_one_line_error, run_cli
+from conftest import FIXTURES, assert_one_line_error, run_cli
 from moetool.analysis.params import count_params, list_presets
 from moetool.checkpoint.source import presets
 
@@ -160,18 +159,9 @@ def test_list_presets_covers_required_names():
 
 
 def test_params_is_instant_and_does_not_import_torch():
-    code = (
-        "import sys, time; t = time.perf_counter(); from moetool.cli import main\n"
-        "try:\n    main(['params', 'mixtral', '--json'])\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
-        "print('ELAPSED', time.perf_counter() - t, file=sys.stderr)"
-    )
-    import subprocess
-    import sys
+    from conftest import params_without_torch
 
-    t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
+    result, wall = params_without_torch("mixtral")
     assert result.returncode == 0, result.stderr
     assert wall < 1.0, f"moetool params mixtral took {wall:.2f}s"
 
