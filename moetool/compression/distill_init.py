@@ -325,7 +325,7 @@ def init_student(loaded, student, usage: dict[int, LayerUsage] | None, method: s
     Returns one row per layer describing where its MLP came from."""
 
     from moetool.runtime.loading import moe_blocks
-    from moetool.runtime.streaming import layer_in_memory
+    from moetool.runtime.streaming import decoder_layers, layer_in_memory
 
     if method not in INIT_METHODS:
         raise MoetoolError(f"unknown --init '{method}' (choose from {', '.join(INIT_METHODS)})")
@@ -349,10 +349,11 @@ def init_student(loaded, student, usage: dict[int, LayerUsage] | None, method: s
     _copy_by_name(loaded.model.state_dict(), student_sd, by_layer.get(None, []), zeros_ok, spec)
     params = dict(student.named_parameters())
     blocks = {L: (block, experts) for L, block, _router, experts in moe_blocks(loaded)} if rc.moe_layers else {}
+    prefix, layers = decoder_layers(loaded.model, rc)
     rows = []
     for L in range(rc.num_layers):
         with layer_in_memory(loaded, L):  # a streamed teacher: this layer read from disk, freed after
-            teacher_sd = loaded.model.state_dict()
+            teacher_sd = layers[L].state_dict(prefix=f"{prefix}.{L}.")  # this layer's tensors, full names
             _copy_by_name(teacher_sd, student_sd, by_layer.get(L, []), zeros_ok, spec)  # 2. attention, norms
             rows.append(_init_mlp(L, loaded, fam, spec, params, teacher_sd, blocks, usage, method, fused, shared_names))
     return rows
