@@ -409,7 +409,7 @@ def test_prune_and_merge_heal_flag(tmp_path):
     assert_one_line_error(res, "--heal needs calibration text")
 
 
-@pytest.mark.parametrize("fixture", ["tiny-deepseek-v3", "tiny-mixtral"])
+@pytest.mark.parametrize("fixture", ["tiny-deepseek-v3", "tiny-mixtral", "tiny-nemotron-h", "tiny-kimi-linear"])
 def test_streamed_heal_equals_resident_heal(fixture, tmp_path):
     """heal --stream (both models read from disk one decoder layer at a time, healed layers kept on
     disk until the checkpoint is written) gives the resident heal's checkpoint, up to float

@@ -68,15 +68,67 @@ def test_streamed_layers_hold_exactly_the_resident_weights(fixture):
     if _refused(fixture):
         return
     ref = resident(str(fixture)).model.state_dict()
+    ref_buffers = dict(resident(str(fixture)).model.named_buffers())
     lm = load_model(str(fixture), stream=True)
     reader = lm.layer_reader
     for i in range(lm.rc.num_layers):
         reader.materialise(i)
         for name, t in reader.layers[i].state_dict().items():
             assert torch.equal(t, ref[f"{reader.prefix}.{i}.{name}"]), name
+        for name, t in reader.layers[i].named_buffers():  # and those computed at construction (DeepSeek-V4's rotary)
+            assert torch.equal(t, ref_buffers[f"{reader.prefix}.{i}.{name}"]), name
         reader.free(i)
         assert all(p.device.type == "meta" for p in reader.layers[i].parameters())
     assert reader.bytes_read > 0
+
+
+def test_layer_reader_builds_what_transformers_converts_on_load():
+    """Tensors transformers converts on load come from its own conversion mapping (Kimi Linear's
+    q/k/v_conv1d concatenated into conv1d); fused experts of any projections are fused from each
+    expert's matrices (Nemotron-H's non-gated up_proj)."""
+    kimi = load_model(str(FIXTURES / "tiny-kimi-linear"), stream=True).layer_reader
+    kind, conv, first, pairs = kimi.plan(0)["self_attn.conv1d.weight"]
+    assert kind == "convert" and first == "model.layers.0.self_attn.conv1d.weight"
+    assert sorted(e.name.rsplit(".", 2)[-2] for _, e in pairs) == ["k_conv1d", "q_conv1d", "v_conv1d"]
+    assert [p for p in conv.source_patterns] == [f"self_attn.{x}_conv1d.weight" for x in "qkv"]  # concatenated so
+    nemo = load_model(str(FIXTURES / "tiny-nemotron-h"), stream=True).layer_reader
+    moe = next(i for i in range(len(nemo.layers)) if "mixer.experts.up_proj" in nemo.plan(i))
+    kind, src, leaf = nemo.plan(moe)["mixer.experts.up_proj"]
+    assert kind == "fuse" and leaf == "up_proj" and all(len(ents) == 1 for ents in src)
+    assert [ents[0].name for ents in src] == [f"backbone.layers.{moe}.mixer.experts.{e}.up_proj.weight"
+                                              for e in range(len(src))]
+
+
+def test_buffers_computed_at_construction_are_rebuilt_from_the_config_or_refused():
+    """A layer's non-persistent buffer is rebuilt by its owner's class from the config (its values are
+    those the class computes); an owner whose class needs more than the config is a one-line error."""
+    from types import SimpleNamespace
+
+    from moetool.errors import MoetoolError
+    from moetool.runtime.streaming import rebuilt_buffers
+
+    class Table(torch.nn.Module):
+        def __init__(self, config, device=None):
+            super().__init__()
+            self.register_buffer("inv_freq", 1.0 / config.base ** torch.arange(0, 8, 2, device=device) / 8,
+                                 persistent=False)
+
+    class Sized(torch.nn.Module):
+        def __init__(self, config, dim):
+            super().__init__()
+            self.register_buffer("table", torch.arange(dim, dtype=torch.float32), persistent=False)
+
+    config = SimpleNamespace(base=10000.0)
+    model = SimpleNamespace(config=config)
+    with torch.device("meta"):
+        good = torch.nn.ModuleDict({"rotary": Table(config)})
+        bad = torch.nn.ModuleDict({"sizer": Sized(config, 4)})
+    got = rebuilt_buffers([good], model, torch.float32)
+    assert list(got[0]) == ["rotary.inv_freq"]
+    assert torch.equal(got[0]["rotary.inv_freq"], Table(config).inv_freq)
+    with pytest.raises(MoetoolError, match="sizer.table is computed at construction.*cannot be rebuilt") as exc:
+        rebuilt_buffers([good, bad], model, torch.float32)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("layer 1:")
 
 
 @pytest.mark.parametrize("fixture", ALL, ids=[p.name for p in ALL])

@@ -176,3 +176,50 @@ def register_causal_lm(model_type: str | None) -> None:
     cls = causal_lm_class(config_class)
     if cls is not None:
         AutoModelForCausalLM.register(config_class, cls, exist_ok=True)
+
+
+def checkpoint_sources(model, disk_names) -> dict[str, tuple]:
+    """Where transformers' loader takes each parameter of MODEL from: {parameter name: (converter or
+    None, the converter's first target, [(source pattern, disk name), ...])} over the checkpoint tensors DISK_NAMES. Each disk name
+    goes through the model's renamings and at most one WeightConverter (``rename_source_key``, in
+    ``dot_natural_key`` order, as ``convert_and_load_state_dict_in_model`` does); a converter's other
+    targets (a Chunk's k and v after q) share its entry. Empty where these helpers are missing
+    (transformers.conversion_mapping / core_model_loading, 5.x)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+    except Exception:  # a transformers without these helpers: nothing beyond the names on disk
+        return {}
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    wanted = dict.fromkeys(model.state_dict(keep_vars=True), True)
+    out: dict[str, tuple] = {}
+    for key in sorted(disk_names, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, wanted)
+        if target not in wanted and key in wanted:
+            target, pattern = key, None
+        if target not in wanted:
+            continue
+        conv = by_pattern[pattern] if pattern is not None else None
+        entry = out.setdefault(target, (conv, target, []))
+        entry[2].append((pattern if conv is not None else key, key))
+        if conv is not None:
+            for other in conv.target_patterns[1:]:
+                out.setdefault(target.replace(conv.target_patterns[0], other), entry)
+    return out
+
+
+def convert_checkpoint_tensors(model, converter, target: str, tensors) -> dict[str, object]:
+    """CONVERTER's operations (transformers' WeightConverter.convert: Concatenate, MergeModulelist,
+    Chunk, ...) over TENSORS [(source pattern, tensor), ...] in checkpoint order: {full parameter
+    name: tensor} for TARGET and the converter's other targets."""
+    import copy
+
+    conv = copy.deepcopy(converter)
+    for pattern, tensor in tensors:
+        conv.collected_tensors[pattern].append(tensor)
+    out = conv.convert(target, model=model, config=model.config)
+    return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}

@@ -47,6 +47,51 @@ def decoder_layers(model, rc) -> tuple[str, Any]:
     return prefix, mod
 
 
+def rebuilt_buffers(layers, model, dtype) -> list[dict[str, Any]]:
+    """Per decoder layer, its buffers that are computed at construction rather than stored (a rotary
+    table inside an attention compressor), built for real on the CPU: a fresh instance of the owning
+    module's class from the model's config (its __init__ takes the config, and a device, only; its
+    parameters stay on meta), constructed once per class under the model's dtype, its buffer checked
+    against the skeleton's name, shape and dtype. A buffer that cannot be rebuilt so is a one-line error."""
+    import inspect
+
+    import torch
+    from accelerate import init_empty_weights
+
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    built: dict[type, Any] = {}
+    out: list[dict[str, Any]] = []
+    for i, layer in enumerate(layers):
+        persistent = set(layer.state_dict(keep_vars=True))
+        mine: dict[str, Any] = {}
+        for bname, buf in layer.named_buffers():
+            if bname in persistent:
+                continue
+            path, _, leaf = bname.rpartition(".")
+            cls = type(layer.get_submodule(path) if path else layer)
+            if cls not in built:
+                built[cls] = None
+                params = list(inspect.signature(cls.__init__).parameters)[1:]
+                if params[:1] == ["config"] and set(params[1:]) <= {"device"}:
+                    old = torch.get_default_dtype()
+                    try:  # as from_config(dtype=...) builds it
+                        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                            torch.set_default_dtype(dtype)
+                        with torch.device("cpu"), init_empty_weights(include_buffers=False):
+                            built[cls] = cls(config)
+                    except Exception:  # noqa: BLE001 - not buildable from the config alone: the error below
+                        pass
+                    finally:
+                        torch.set_default_dtype(old)
+            got = getattr(built[cls], "_buffers", {}).get(leaf)
+            if got is None or tuple(got.shape) != tuple(buf.shape) or got.dtype != buf.dtype:
+                raise MoetoolError(f"layer {i}: buffer {bname} is computed at construction, not stored, and cannot be "
+                                   "rebuilt from the config; this model cannot be streamed (run it with --no-stream)")
+            mine[bname] = got
+        out.append(mine)
+    return out
+
+
 class LayerReader:
     """Which on-disk tensors make each parameter of a decoder layer, and reading them."""
 
@@ -66,6 +111,33 @@ class LayerReader:
         from moetool.runtime.hf_compat import disk_name_function
 
         self._disk_name = disk_name_function(model)  # transformers' own renamings, reversed
+        self._loader_sources: dict | None = None  # transformers' own renamings and conversions, forward (lazily)
+        self.rebuilt = rebuilt_buffers(self.layers, model, dtype)  # per layer: buffers computed at construction
+
+    def loader_sources(self) -> dict[str, tuple]:
+        """{parameter name: (converter or None, first target, [(pattern, disk name), ...])}: what transformers' loader
+        makes each parameter from (moetool.runtime.hf_compat.checkpoint_sources), computed once."""
+        if self._loader_sources is None:
+            from moetool.runtime.hf_compat import checkpoint_sources
+
+            self._loader_sources = checkpoint_sources(self.model, self.entries)
+        return self._loader_sources
+
+    def entry_for(self, target: str, loader: bool = True):
+        """The on-disk tensor that holds parameter TARGET as it is (renamed at most), or None: the same
+        name, another runtime layout's, transformers' renamings reversed, and (LOADER) forward."""
+        src = self.entries.get(target)
+        if src is not None:
+            return src
+        for alt in self._alternatives(target) + [self._disk_name(target)]:
+            if alt in self.entries:
+                return self.entries[alt]
+        if not loader:
+            return None
+        conv, _, pairs = self.loader_sources().get(target, (None, None, []))
+        if conv is None and len(pairs) == 1:
+            return self.entries[pairs[0][1]]
+        return None
 
     # -- the plan: target parameter -> how to build it from disk --------------------------------------
     def _alternatives(self, name: str) -> list[str]:
@@ -104,37 +176,37 @@ class LayerReader:
         return groups
 
     def plan(self, layer: int) -> dict[str, tuple]:
-        """{parameter name inside the layer: ("copy", entry) | ("fuse", [entries...], kind)}."""
+        """{parameter name inside the layer: ("copy", entry) | ("fuse", [entries...], kind) |
+        ("convert", converter, first target, [(pattern, entry), ...])}."""
         module = self.layers[layer]
         full = f"{self.prefix}.{layer}."
         plan: dict[str, tuple] = {}
         experts = None
         state = dict(module.state_dict(keep_vars=True))
-        persistent = set(state)
-        for bname, _ in module.named_buffers():
-            if bname not in persistent:
-                raise MoetoolError(f"layer {layer}: buffer {bname} is computed at construction, not stored; "
-                                   "this model cannot be streamed (run it with --no-stream)")
         for name, tensor in state.items():
             target = full + name
-            src = self.entries.get(target)
-            if src is None:
-                src = next((self.entries[a] for a in self._alternatives(target) + [self._disk_name(target)]
-                            if a in self.entries), None)
+            src = self.entry_for(target, loader=False)
             if src is not None:
                 plan[name] = ("copy", src)
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("gate_up_proj", "down_proj") and tensor.dim() == 3:
+            # a fused 3-D experts tensor named after its projections: gate_up_proj (gate rows, then up rows),
+            # up_proj, down_proj, ... from each expert's matrices (the family spec's proj of each expert tensor)
+            projs = leaf[:-len("_proj")].split("_") if leaf.endswith("_proj") else []
+            if projs and tensor.dim() == 3:
                 if experts is None:
                     experts = self._expert_entries(layer)
                 E = tensor.shape[0]
-                if leaf == "gate_up_proj" and all(len(experts.get(p, {})) == E for p in ("gate", "up")):
-                    plan[name] = ("fuse", [(experts["gate"][e], experts["up"][e]) for e in range(E)], leaf)
+                if all(len(experts.get(p, {})) == E for p in projs):
+                    plan[name] = ("fuse", [tuple(experts[p][e] for p in projs) for e in range(E)], leaf)
                     continue
-                if leaf == "down_proj" and len(experts.get("down", {})) == E:
-                    plan[name] = ("fuse", [(experts["down"][e],) for e in range(E)], leaf)
-                    continue
+            conv, first, pairs = self.loader_sources().get(target, (None, None, []))
+            if conv is None and len(pairs) == 1:  # renamed on load
+                plan[name] = ("copy", self.entries[pairs[0][1]])
+                continue
+            if conv is not None:  # transformers' own conversion on load (Concatenate, MergeModulelist, ...)
+                plan[name] = ("convert", conv, first, [(p, self.entries[k]) for p, k in pairs])
+                continue
             raise MoetoolError(f"{self.path}: no tensor for {target} in the checkpoint (looked for "
                                f"{', '.join([target] + self._alternatives(target))}); it is incomplete or laid out "
                                "in a way moetool cannot stream")
@@ -175,11 +247,27 @@ class LayerReader:
         module = self.layers[layer]
         state = dict(module.state_dict(keep_vars=True))
         out = {}
+        converted: dict[str, Any] = {}  # a conversion's outputs (a Chunk gives several) until each is taken
+        done: set[str] = set()
         for name, (kind, src, *rest) in self.plan(layer).items():
             want = state[name]
             dtype = want.dtype if want.dtype.is_floating_point else None
             if kind == "copy":
                 t = self._read(src)
+            elif kind == "convert":
+                first, pairs = rest
+                if first not in done:
+                    done.add(first)
+                    from moetool.runtime.hf_compat import convert_checkpoint_tensors
+
+                    read = [(p, self._read(e)) for p, e in pairs]
+                    if dtype is not None:  # cast before converting, as transformers' loader does
+                        read = [(p, t.to(dtype) if t.dtype.is_floating_point else t) for p, t in read]
+                    converted.update(convert_checkpoint_tensors(self.model, src, first, read))
+                t = converted.pop(f"{self.prefix}.{layer}.{name}", None)
+                if t is None:
+                    raise MoetoolError(f"{self.prefix}.{layer}.{name}: transformers' conversion of "
+                                       f"{', '.join(e.name for _, e in pairs)} did not give it")
             else:  # fused in place: each expert's matrices read straight into their slice
                 first = src[0]
                 parts = [e.shape for e in first]
@@ -237,6 +325,10 @@ class LayerReader:
         module = self.layers[layer]
         module.load_state_dict(tensors, strict=True, assign=True)
         del tensors
+        for bname, t in self.rebuilt[layer].items():
+            path, _, leaf = bname.rpartition(".")
+            (module.get_submodule(path) if path else module).register_buffer(leaf, t.to(self.device, copy=True),
+                                                                             persistent=False)
         if self.quant_bits:
             self._quantize(layer, module)
 
@@ -345,7 +437,7 @@ def _materialise_outside_layers(model, reader: LayerReader, config, device) -> N
         state = {}
         for name in list(own_p) + sorted(persistent):
             full = f"{mname}.{name}" if mname else name
-            ent = reader.entries.get(full)
+            ent = reader.entry_for(full)
             if ent is None:
                 if tied and module is model.get_output_embeddings():
                     continue
