@@ -35,14 +35,15 @@ from moetool.compression.heal import (DEFAULT_EXPERTS_STEPS, DEFAULT_HOLDOUT, DE
                    "(DeepSeek's e_score_correction_bias); 0: kept as they are.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
-@loading_options(checkpoints=False)
+@loading_options
 def command(compressed, ref, file, out, max_tokens, batch_size, router_steps, experts_steps, ridge, router_reg, holdout,
             selection_rounds, force, as_json, load_options) -> None:
     """Heal COMPRESSED (a `moetool prune` or `merge-experts` output) against --ref, the model it
     was made from: for each MoE layer in order, refit the router rows and the routed experts
     (down projections, the shared expert's too, in closed form) so that the block's output
     matches the original's on the calibration text. --stream reads both models one decoder
-    layer at a time.
+    layer at a time; --run-dir DIR checkpoints after every layer and --resume continues a
+    killed run from its first unfinished layer, with the same result.
     Writes an ordinary checkpoint of the same shape (--out appears only when complete).
     """
     from moetool.compression.heal import HealOptions, heal_checkpoint

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -762,7 +763,8 @@ class HealObserver(Observer):
 
     needs_logits = False
 
-    def __init__(self, ref_loaded, loaded, opts: HealOptions, log=None, ckpt=None, store=None):
+    def __init__(self, ref_loaded, loaded, opts: HealOptions, log=None, ckpt=None, store=None,
+                 signature: dict | None = None):
         from moetool.runtime.loading import moe_blocks
 
         self.ref_loaded, self.loaded = ref_loaded, loaded
@@ -776,6 +778,8 @@ class HealObserver(Observer):
         self.rows: list[dict] = []
         self.fitting = False
         self.executor = None
+        # what a resumed run must agree with besides the executor's tokens and model (JSON-able)
+        self.signature = json.loads(json.dumps(signature if signature is not None else {"options": opts.as_dict()}))
 
     def attach(self, executor, hooks) -> None:
         self.executor = executor
@@ -830,25 +834,85 @@ class HealObserver(Observer):
                      f"(relative), {info['seconds']:.1f} s")
         return not info["reverted"]
 
+    # -- resume (the executor checkpoints this after every layer, with the next layer's inputs) ----------------
+    def state(self) -> tuple[dict, dict]:
+        """The per-layer records, which layers' healed tensors the store holds (their files are in
+        the run directory, written before the checkpoint that names them), and the signature. No
+        optimizer or random state crosses layers: each layer's fits start afresh and are
+        deterministic."""
+        stored = self.store.layers() if self.store is not None else {}
+        return {}, {"heal": self.signature, "rows": self.rows, "stored": {str(L): n for L, n in stored.items()}}
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        where = getattr(self.executor, "run_dir", None) or "the run directory"
+        if meta.get("heal") != self.signature:
+            theirs, ours = meta.get("heal") or {}, self.signature
+            diff = sorted(_differences(theirs, ours)) or ["signature"]
+            raise MoetoolError(f"--resume: the checkpoint in {where} was made by a heal of another model or with other "
+                               f"options ({', '.join(diff[:4])} differ); use the same input or another --run-dir")
+        self.rows = list(meta.get("rows") or [])
+        stored = {int(L): names for L, names in (meta.get("stored") or {}).items()}
+        if stored and (self.store is None or self.store.dir is None):
+            raise MoetoolError(f"--resume: the checkpoint in {where} names healed layers kept on disk, and this run "
+                               "keeps them in memory")
+        if self.store is not None:
+            self.store.restore(stored)
+
 
 class LayerStore:
     """The healed tensors of each layer, kept until the checkpoint is written: in memory, or in a
-    directory (one safetensors file per layer) so that a streamed model's healed layers need not
-    stay in memory."""
+    directory (one safetensors file per layer, each written to a temporary name and renamed into
+    place) so that a streamed model's healed layers need not stay in memory, and a checkpointed
+    run's survive the process."""
 
     def __init__(self, directory: Path | None = None):
         self.dir = directory
         self.names: dict[str, Any] = {}
+        self._layers: dict[int, list[str]] = {}
+
+    def _file(self, layer: int) -> Path:
+        return self.dir / f"layer-{layer:05d}.safetensors"
 
     def put(self, layer: int, values: dict) -> None:
+        self._layers[int(layer)] = sorted(values)
         if self.dir is None:
             self.names.update(values)
             return
+        import os
+
         from safetensors.torch import save_file
 
-        path = self.dir / f"layer-{layer:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in values.items()}, str(path))
+        path = self._file(layer)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
+        os.replace(tmp, path)
         self.names.update({k: path for k in values})
+
+    def layers(self) -> dict[int, list[str]]:
+        """{layer: the on-disk names of its healed tensors} for every layer put so far."""
+        return dict(self._layers)
+
+    def restore(self, layers: dict[int, list[str]]) -> None:
+        """Take over LAYERS (as ``layers()`` gave them) from the directory, and remove any other
+        layer file there (a layer healed after the last checkpoint: it is healed again)."""
+        self.names, self._layers = {}, {}
+        if self.dir is None:
+            return
+        for L, names in sorted(layers.items()):
+            path = self._file(L)
+            if not path.is_file():
+                raise MoetoolError(f"--resume: {path} is missing (the run directory was changed); "
+                                   "start again without --resume")
+            self._layers[L] = list(names)
+            self.names.update({k: path for k in names})
+        keep = {self._file(L).name for L in layers}
+        for f in self.dir.glob("layer-*.safetensors*"):
+            if f.name not in keep:
+                f.unlink()
+
+    def clear(self) -> None:
+        """Forget every layer and remove the directory's layer files (a fresh run in an old run directory)."""
+        self.restore({})
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -863,15 +927,32 @@ class LayerStore:
         return v
 
 
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """The dotted keys where the JSON values A and B differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "signature"]
+
+
 def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOptions, batch_size: int = 8,
-                log=None, progress=None, ckpt=None, store=None) -> list[dict]:
+                log=None, progress=None, ckpt=None, store=None, signature: dict | None = None) -> list[dict]:
     """Heal LOADED (the compressed model, in place) against REF_LOADED (its original) on the
     calibration token SEQUENCES, one decoder layer at a time (moetool.runtime.executor, layerwise mode:
     every decoder layer runs over all batches with exactly the arguments the model's own forward
     passes it: attention masks by layer type, position embeddings). Either model may be streamed
     (moetool.runtime.streaming: each layer read from disk when it runs, freed after); with CKPT
     (the compressed checkpoint) the healed tensors of each layer go to STORE (a LayerStore) while
-    the layer is in memory. Returns one row per MoE layer."""
+    the layer is in memory. Returns one row per MoE layer.
+
+    Checkpoints: when LOADED was loaded with a run directory (``load_model(run_dir=...)``), the
+    executor checkpoints every finished layer there (the healed model's hidden states entering the
+    next layer, and this observer's state: the rows, which layers STORE holds, SIGNATURE and the
+    options), STORE keeps its layers on disk in the executor's run directory (``healed-layers/``),
+    and ``resume`` continues from the first unfinished layer. The original model needs no
+    checkpoint: it is only run block by block on the healed model's hidden states."""
     from moetool.runtime.executor import Executor
 
     from moetool.runtime.loading import moe_blocks
@@ -880,9 +961,15 @@ def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOption
         check_experts_take_routing(experts, loaded.family.name)
     for m in (loaded.model, ref_loaded.model):
         _eager_experts(m)
-    observer = HealObserver(ref_loaded, loaded, opts, log, ckpt=ckpt, store=store)
-    Executor(loaded, batch_size=batch_size, mode="layerwise", progress=progress, description="heal").run(
-        sequences, [observer])
+    executor = Executor(loaded, batch_size=batch_size, mode="layerwise", progress=progress, description="heal")
+    if executor.run_dir is not None and store is not None:  # healed layers must outlive the process
+        store.dir = executor.run_dir / "healed-layers"
+        store.dir.mkdir(parents=True, exist_ok=True)
+        if not executor.resume:
+            store.clear()
+    observer = HealObserver(ref_loaded, loaded, opts, log, ckpt=ckpt, store=store,
+                            signature={**(signature or {}), "options": opts.as_dict()})
+    executor.run(sequences, [observer])
     return observer.rows
 
 
@@ -1187,14 +1274,18 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
                            f"{rc.family.layerwise_unsupported}")
     texts = read_texts((), file)
     load_options = dict(load_options or {})
-    if load_options.pop("run_dir", None) or load_options.pop("resume", None):
-        raise MoetoolError("heal cannot be resumed: --run-dir and --resume are not supported")
+    run_dir, resume = load_options.pop("run_dir", None), bool(load_options.pop("resume", False))
+    if resume and not run_dir:
+        raise MoetoolError("--resume needs --run-dir DIR (where the interrupted run kept its checkpoints)")
     stream = load_options.pop("stream", False)
-    loaded = load_model(compressed, **load_options, stream=stream)
-    ref_loaded = load_model(ref, **load_options, stream=stream)
+    from moetool.checkpoint.fingerprint import model_fingerprint
+
+    from_fp, ref_fp = model_fingerprint(rc, ckpt.path), model_fingerprint(rrc, ref_ckpt.path)
+    loaded = load_model(compressed, **load_options, stream=stream, run_dir=run_dir, resume=resume)
+    ref_loaded = load_model(ref, **load_options, stream=stream)  # run block by block only: no checkpoints
     streamed = getattr(loaded, "layer_reader", None) is not None
     spill = None
-    if streamed:  # healed layers wait on disk beside OUT, not in memory
+    if streamed and not run_dir:  # healed layers wait on disk beside OUT, not in memory (with --run-dir: there)
         parent = Path(out).expanduser().resolve().parent
         parent.mkdir(parents=True, exist_ok=True)
         spill = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.layers-", dir=parent))
@@ -1206,20 +1297,21 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         seqs = calibration_ids(loaded.tokenizer, texts, max_tokens)
         store = LayerStore(spill)
         t0 = time.perf_counter()
-        layers = heal_models(ref_loaded, loaded, seqs, opts, batch_size=batch_size, log=log, ckpt=ckpt, store=store)
+        signature = {"model": from_fp, "ref": {"name": ref, "fingerprint": ref_fp}}
+        layers = heal_models(ref_loaded, loaded, seqs, opts, batch_size=batch_size, log=log, ckpt=ckpt, store=store,
+                             signature=signature)
         fit_seconds = time.perf_counter() - t0
         tokens = sum(len(s) for s in seqs)
         calibration = {"file": str(file), "sha256": file_digest(file), "tokens": tokens, "texts": len(seqs)}
         if max_tokens is not None:
             calibration["max_tokens"] = int(max_tokens)
-        from moetool.checkpoint.fingerprint import model_fingerprint
         from moetool.checkpoint.outdir import marker
 
         provenance = marker("heal", source=display_name or compressed, family=rc.family.name,
                             lineage=prov["lineage"], experts=prov.get("experts"), healed={
                                 "from": {"name": display_name or compressed,
-                                         "fingerprint": model_fingerprint(rc, ckpt.path), "command": prov.get("command")},
-                                "ref": {"name": ref, "fingerprint": model_fingerprint(rrc, ref_ckpt.path)},
+                                         "fingerprint": from_fp, "command": prov.get("command")},
+                                "ref": {"name": ref, "fingerprint": ref_fp},
                                 "calibration": calibration, "options": opts.as_dict()})
         result = {"model": display_name or compressed, "ref": ref, "out": str(out), "family": rc.family.name,
                   "num_experts": int(rc.num_experts), "calibration": calibration, "options": opts.as_dict(),
@@ -1289,17 +1381,28 @@ def _card(result: dict, ckpt) -> str:
 def heal_after(write, model: str, out: str, file: str | None, max_tokens: int | None, batch_size: int,
                options: HealOptions | None, force: bool, load_options: dict | None, progress: bool) -> dict:
     """`prune --heal` / `merge-experts --heal`: WRITE(path) writes the compressed checkpoint to
-    PATH (a temporary directory beside OUT); it is then healed against MODEL, its input, on the
-    same calibration text into OUT, and the temporary directory removed. Returns WRITE's result
-    with ``out`` = OUT and ``heal`` = the heal result."""
+    PATH; it is then healed against MODEL, its input, on the same calibration text into OUT, and
+    PATH removed. Returns WRITE's result with ``out`` = OUT and ``heal`` = the heal result.
+
+    PATH is a temporary directory beside OUT; with a run directory (``load_options["run_dir"]``,
+    which the calibration before this used too) it is RUN_DIR/unhealed, so that a resumed run
+    (``resume``) writes the same compressed checkpoint to the same place (the surgery is
+    deterministic given the calibration, which resumes to the same statistics) and the heal's
+    checkpoints under RUN_DIR match it; the heal then resumes from its first unfinished layer."""
     import shutil
     import tempfile
 
     if not file:
         raise MoetoolError("--heal needs calibration text: give --file TEXT")
-    parent = Path(out).expanduser().resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.unhealed-", dir=parent))
-    load_options = {k: v for k, v in (load_options or {}).items() if k not in ("run_dir", "resume")}  # the calibration's
+    load_options = dict(load_options or {})
+    run_dir = load_options.get("run_dir")
+    if run_dir:
+        tmp = Path(run_dir) / "unhealed"
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's: written again, the same
+        tmp.mkdir(parents=True)
+    else:
+        parent = Path(out).expanduser().resolve().parent
+        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.unhealed-", dir=parent))
     try:
         result = write(tmp / "compressed")
         result["heal"] = heal_checkpoint(str(tmp / "compressed"), model, file, out, max_tokens=max_tokens,
