@@ -168,6 +168,9 @@ def test_a_resume_of_another_heal_is_refused_in_one_line(tmp_path):
                   "--experts-steps", "2", "--run-dir", run, "--resume", "--out", tmp_path / "b")
     assert_one_line_error(res, "options.router_steps")
     assert res.returncode == 2
+    res = run_cli("heal", pruned, "--ref", src, "--file", calib, "--resume", "--out", tmp_path / "b")
+    assert_one_line_error(res, "--resume needs --run-dir")
+    assert res.returncode == 2
 
     def resume(max_tokens=200):
         with pytest.raises(MoetoolError) as err:
