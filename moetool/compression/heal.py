@@ -910,10 +910,6 @@ class LayerStore:
             if f.name not in keep:
                 f.unlink()
 
-    def clear(self) -> None:
-        """Forget every layer and remove the directory's layer files (a fresh run in an old run directory)."""
-        self.restore({})
-
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
@@ -965,11 +961,11 @@ def heal_models(ref_loaded, loaded, sequences: list[list[int]], opts: HealOption
     if executor.run_dir is not None and store is not None:  # healed layers must outlive the process
         store.dir = executor.run_dir / "healed-layers"
         store.dir.mkdir(parents=True, exist_ok=True)
-        if not executor.resume:
-            store.clear()
     observer = HealObserver(ref_loaded, loaded, opts, log, ckpt=ckpt, store=store,
                             signature={**(signature or {}), "options": opts.as_dict()})
     executor.run(sequences, [observer])
+    if executor.run_dir is not None and store is not None:  # files of an earlier run no checkpoint names
+        store.restore(store.layers())
     return observer.rows
 
 
