@@ -29,15 +29,16 @@ def routing_mask(model, kept: dict[int, list[int]]):
 
     loaded = loaded_from_model(model)
     E = loaded.rc.num_experts
+    W = loaded.rc.router_width  # zero-computation experts (LongCat) have router rows after the routed ones
     restore = []
     for L, block, router, _experts in moe_blocks(loaded):
         if L not in kept:
             continue
         dropped = [e for e in range(E) if e not in kept[L]]
-        mask = torch.zeros(E)
+        mask = torch.zeros(W)
         mask[dropped] = float("-inf")
         real_forward = router.forward
-        weight = router_weight(router, E)
+        weight = router_weight(router, W)
 
         def forward(*args, _real=real_forward, _mask=mask, _weight=weight, **kwargs):
             real_linear = torch.nn.functional.linear
@@ -54,7 +55,7 @@ def routing_mask(model, kept: dict[int, list[int]]):
         router.forward = forward
         restore.append(lambda r=router: r.__dict__.pop("forward", None))
         biases = [t for name, t in [*block.named_parameters(), *block.named_buffers()]
-                  if name.endswith("e_score_correction_bias") and t.shape[-1] == E]
+                  if name.endswith("e_score_correction_bias") and t.shape[-1] == W]
         for bias in biases:
             saved = bias.detach().clone()
             with torch.no_grad():

@@ -56,11 +56,14 @@ def _recompute_block(block, layout: dict, experts, x: torch.Tensor, ids: np.ndar
         scores = torch.zeros(x.shape[0], E, dtype=x.dtype).scatter_(1, ids_t, w_t.to(x.dtype))
         out = experts(x.repeat(E, 1) * scores.T.reshape(-1, 1)).reshape(E, x.shape[0], -1).sum(0)
     else:
+        E = experts.down_proj.shape[0]  # ids from E on: zero-computation experts (LongCat), the identity
         for j in range(ids_t.shape[1]):
-            gu = torch.einsum("th,tih->ti", x, experts.gate_up_proj[ids_t[:, j]])
+            real = ids_t[:, j].clamp(max=E - 1)
+            gu = torch.einsum("th,tih->ti", x, experts.gate_up_proj[real])
             gate, up = gu.chunk(2, dim=-1)
             h = experts.act_fn(gate) * up
-            y = torch.einsum("ti,thi->th", h, experts.down_proj[ids_t[:, j]])
+            y = torch.einsum("ti,thi->th", h, experts.down_proj[real])
+            y = torch.where((ids_t[:, j] >= E)[:, None], x, y)
             out += y * w_t[:, j:j + 1]
     if layout.get("shared"):
         shared = block.get_submodule(layout["shared"])(x)

@@ -110,6 +110,7 @@ def architecture_summary(rc: ResolvedConfig) -> dict:
         "dense_layers": rc.num_layers - len(moe),
         "hidden_size": rc.hidden_size,
         "routed_experts": rc.num_experts,
+        "zero_experts": rc.zero_experts,
         "experts_per_token": rc.top_k,
         "shared_experts": rc.num_shared_experts,
         "expert_intermediate_size": rc.expert_intermediate,
@@ -177,6 +178,9 @@ def count_config(rc: ResolvedConfig, per_layer: bool = False, context: int = 409
     if state is not None:
         report["fixed_state_bytes_per_sequence"] = state
     report["flops_per_token"] = flops_per_token(rc, _active_matmul(report), context)
+    if rc.zero_experts:  # a choice of a zero-computation expert computes nothing: active is a range
+        report["active_min"] = report["active"] - report["roles"]["routed_experts"]["active"]
+        report["active_min_without_embeddings"] = report["active_min"] - report["roles"]["embeddings"]["total"]
     report["warnings"] = []
     return report
 

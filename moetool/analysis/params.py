@@ -36,7 +36,7 @@ def count_params(model: str, per_layer: bool = False, context: int = 4096) -> di
     report["model"] = source.name
     report["source"] = source.kind
     report["family_level"] = rc.family.level
-    report["warnings"].extend(rc.family.spec.get("notes", []))
+    report["notes"] = list(rc.family.spec.get("notes", []))  # what the family always says, not a problem found
     if source.wrapper:
         report["warnings"].append(f"counted the language model under text_config of a '{source.wrapper}' wrapper")
     if source.preset:
@@ -70,7 +70,7 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
     names = {e.name for e in entries}
     fam = rc.family
     main: list[tuple[str, int, int | None]] = []
-    mtp = scales = 0
+    mtp = scales = unused = 0
     unknown: list[str] = []
     dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
     for e in entries:
@@ -91,16 +91,21 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
         if match is None:
             unknown.append(e.name)
             continue
+        if match.expert is not None and rc.num_experts <= match.expert < rc.router_width:
+            unused += params  # rows of a zero-computation expert (transformers allocates them): never computed
+            continue
         main.append((match.role, params, match.layer))
 
     report = summarize(rc, main, per_layer=per_layer)
+    if unused:
+        _add_unused_rows(report, unused)
     warnings = list(config_report["warnings"])
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         warnings.append(f"{len(unknown)} tensors match no {fam.name} template and are not counted: {shown}")
     for role, counts in report["roles"].items():
         expected = config_report["roles"].get(role, {}).get("total", 0)
-        if counts["total"] != expected:
+        if counts["total"] - (unused if role == "routed_experts" else 0) != expected:
             warnings.append(
                 f"disk and config disagree on {role}: {counts['total']:,} on disk, {expected:,} from config.json"
             )
@@ -122,6 +127,16 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
     }
     out["warnings"] = warnings
     return out
+
+
+def _add_unused_rows(report: dict, unused: int) -> None:
+    """Zero-computation experts' gate/up rows on disk (what save_pretrained writes for LongCat-Flash):
+    in the total (they are in the checkpoint and in transformers' model) and in routed experts, never
+    active; ``unused_expert_params`` says how many."""
+    report["roles"]["routed_experts"]["total"] += unused
+    report["total"] += unused
+    report["activated_fraction"] = report["active"] / report["total"] if report["total"] else 0.0
+    report["unused_expert_params"] = unused
 
 
 def list_presets() -> list[dict]:

@@ -155,24 +155,43 @@ def routing_from_trace(trace, holdout: float, seed: int = 0) -> Routing:
     fit_mask, held_mask, info = split_tokens(trace, holdout, seed)
     same = info["by"].startswith("none")
     E = trace.num_experts
-    per_seq = sequence_counts(trace.experts, trace.sequence, E)  # one counting pass, shared with capacity
+    per_seq = sequence_counts(trace.experts, trace.sequence, E, zero=trace.zero_experts)  # shared with capacity
     fit, ev, ev_ids = {}, {}, {}
     held_rows = None
     if per_seq is not None and info["by"] == "sequence":
         held_rows = np.isin(per_seq[0], np.unique(trace.sequence[held_mask]))
     for L in trace.moe_layers:
         ids = trace.experts[L]
-        total = per_seq[2][L].sum(axis=0) if per_seq is not None else np.bincount(ids.ravel(), minlength=E)
+        total = per_seq[2][L].sum(axis=0) if per_seq is not None else _expert_counts(ids, E)
         held = ids if same else ids[held_mask]
-        ev_ids[L] = np.ascontiguousarray(held.T)  # choice by row: contiguous rows for per-choice lookups
+        ev_ids[L] = np.ascontiguousarray(_real_choices(held, E).T)  # choice by row: contiguous per-choice lookups
         if same:
             ev[L] = total
         elif held_rows is not None:
             ev[L] = per_seq[2][L][held_rows].sum(axis=0)
         else:
-            ev[L] = np.bincount(held.ravel(), minlength=E)
+            ev[L] = _expert_counts(held, E)
         fit[L] = total if same else total - ev[L]
     return Routing("trace", trace.moe_layers, E, trace.top_k, fit, ev_ids, ev, int(held_mask.sum()), info, per_seq)
+
+
+def _expert_counts(ids: np.ndarray, E: int) -> np.ndarray:
+    """Choices of each of the E routed experts (ids >= E: zero-computation experts, which load nothing)."""
+    return np.bincount(ids.ravel(), minlength=E)[:E]
+
+
+def _real_choices(ids: np.ndarray, E: int) -> np.ndarray:
+    """IDS [T, k] as far as dispatch is concerned: a choice of a zero-computation expert (id >= E)
+    computes nothing and sends the token nowhere, so it is replaced by one of the token's own
+    routed choices (the set of experts, devices and nodes it reaches is unchanged); tokens whose
+    every choice is a zero expert go nowhere and are left out."""
+    zero = ids >= E
+    if not zero.any():
+        return ids
+    rows = ids[~zero.all(axis=1)]
+    z = rows >= E
+    first = rows[np.arange(rows.shape[0]), np.argmin(z, axis=1)]
+    return np.where(z, first[:, None], rows)
 
 
 def uniform_routing(rc) -> Routing:
@@ -700,7 +719,8 @@ def plan(model: str, gpu_memory=None, gpus: int = 1, cpu_memory=None, reserve=0,
         from moetool.analysis.plan_ep import capacity_drops
 
         report["dropped_fraction"] = capacity_drops(tr.experts, tr.sequence, tr.num_experts, tr.top_k,
-                                                    list(capacity_factors), seq_counts=routing.seq_counts)
+                                                    list(capacity_factors), seq_counts=routing.seq_counts,
+                                                    zero=tr.zero_experts)
     if ep is not None:
         _add_ep(report, figures, routing, layout, precision, ep, nodes, redundant, dispatch_dtype, ep_map_out,
                 source.name)

@@ -287,26 +287,29 @@ def parse_factor(text: str) -> Fraction:
     return value
 
 
-def sequence_counts(layer_ids: dict[int, np.ndarray], sequence: np.ndarray, E: int, force: bool = False):
+def sequence_counts(layer_ids: dict[int, np.ndarray], sequence: np.ndarray, E: int, force: bool = False,
+                    zero: int = 0):
     """(sequence ids [S], tokens per sequence [S], {layer: expert counts per sequence [S, E]}),
-    or None when S x E is much larger than the trace itself (many tiny sequences) and not FORCE."""
+    or None when S x E is much larger than the trace itself (many tiny sequences) and not FORCE.
+    ZERO: zero-computation experts (ids E .. E + ZERO - 1), counted apart and left out."""
     seqs, seq_idx, seq_len = np.unique(sequence, return_inverse=True, return_counts=True)
-    S = seqs.shape[0]
-    if not force and S * E > max(4 * sequence.shape[0], 1 << 22):
+    S, W = seqs.shape[0], E + zero
+    if not force and S * W > max(4 * sequence.shape[0], 1 << 22):
         return None
-    key_dtype = np.int32 if S * E < 2**31 else np.int64
-    offset = (seq_idx.astype(key_dtype) * E)[:, None]
-    counts = {L: np.bincount((offset + ids).ravel(), minlength=S * E).reshape(S, E) for L, ids in layer_ids.items()}
+    key_dtype = np.int32 if S * W < 2**31 else np.int64
+    offset = (seq_idx.astype(key_dtype) * W)[:, None]
+    counts = {L: np.bincount((offset + ids).ravel(), minlength=S * W).reshape(S, W)[:, :E]
+              for L, ids in layer_ids.items()}
     return seqs, seq_len, counts
 
 
 def capacity_drops(layer_ids: dict[int, np.ndarray], sequence: np.ndarray, E: int, k: int, factors: list[str],
-                   seq_counts=None) -> dict:
+                   seq_counts=None, zero: int = 0) -> dict:
     """Share of token-expert assignments dropped per layer when each expert takes at most
     ceil(C x tokens x k / E) of them: ``batch`` = all traced tokens as one batch, ``sequence``
     = each sequence on its own (its own token count). SEQ_COUNTS: ``sequence_counts`` of the
     trace, if already counted."""
-    _, seq_len, counts = seq_counts or sequence_counts(layer_ids, sequence, E, force=True)
+    _, seq_len, counts = seq_counts or sequence_counts(layer_ids, sequence, E, force=True, zero=zero)
     T = sequence.shape[0]
     per_layer_counts = {L: (c.sum(axis=0), c) for L, c in counts.items()}
     out = {}

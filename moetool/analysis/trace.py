@@ -28,7 +28,7 @@ from moetool.errors import MoetoolError
 FORMAT = "moetool-trace"
 VERSION = "1"
 TOKEN_TEXTS_LIMIT = 4096  # token strings are stored in the metadata up to this many tokens
-_INT_META = ("num_experts", "top_k", "num_layers", "weight_bytes", "expert_weight_bytes", "generate")
+_INT_META = ("num_experts", "zero_experts", "top_k", "num_layers", "weight_bytes", "expert_weight_bytes", "generate")
 _JSON_META = ("moe_layers", "texts", "token_texts", "devices", "options")
 _REQUIRED_META = ("format", "version", "model", "family", "num_experts", "top_k", "num_layers", "moe_layers",
                   "texts", "quantization", "weight_bytes", "expert_weight_bytes", "dtype")
@@ -62,6 +62,11 @@ class Trace:
         return int(self.meta["num_experts"])
 
     @property
+    def zero_experts(self) -> int:
+        """Zero-computation experts: ids num_experts .. num_experts + zero_experts - 1 in ``experts``."""
+        return int(self.meta.get("zero_experts", 0) or 0)
+
+    @property
     def top_k(self) -> int:
         return int(self.meta["top_k"])
 
@@ -93,7 +98,7 @@ class Trace:
             "position": np.ascontiguousarray(self.position, dtype=np.int32),
             "decode": np.ascontiguousarray(self.decode, dtype=np.uint8),
         }
-        id_dtype = np.uint8 if self.num_experts <= 256 else np.int16
+        id_dtype = np.uint8 if self.num_experts + self.zero_experts <= 256 else np.int16
         for L in self.moe_layers:
             out[f"layers.{L}.experts"] = np.ascontiguousarray(self.experts[L], dtype=id_dtype)
             out[f"layers.{L}.weights"] = np.ascontiguousarray(self.weights[L], dtype=np.float16)
@@ -197,7 +202,7 @@ def _validate(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> Trace:
     for name in ("sequence", "position", "decode"):
         if tensors[name].shape[0] != T:
             bad(f"'{name}' has {tensors[name].shape[0]} entries, token_ids has {T}")
-    k, E = meta["top_k"], meta["num_experts"]
+    k, E = meta["top_k"], meta["num_experts"] + int(meta.get("zero_experts", 0) or 0)  # ids and logit columns
     id_dtype = np.uint8 if E <= 256 else np.int16
     experts, weights, logits = {}, {}, {}
     for L in meta["moe_layers"]:
@@ -501,6 +506,7 @@ def _trace_meta(loaded, texts, tokens: np.ndarray, options: dict, recomputed: bo
         "model": loaded.name,
         "family": loaded.family.name,
         "num_experts": int(rc.num_experts),
+        "zero_experts": rc.zero_experts,
         "top_k": int(rc.top_k),
         "num_layers": int(rc.num_layers),
         "moe_layers": [int(x) for x in rc.moe_layers],

@@ -47,10 +47,13 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def layer_stats(ids: np.ndarray, weights: np.ndarray, num_experts: int, logits: np.ndarray | None = None,
-                top_pairs: int = TOP_PAIRS) -> dict:
-    """Statistics of one layer's routing: ids/weights [T, k], optional logits [T, E]."""
+                top_pairs: int = TOP_PAIRS, zero_experts: int = 0) -> dict:
+    """Statistics of one layer's routing: ids/weights [T, k], optional logits [T, E + zero_experts].
+    Per-expert figures cover the E routed experts; choices of a zero-computation expert (ids >= E)
+    are counted apart (``zero_expert_share``) and in no pair."""
     T, k = ids.shape
     E = num_experts
+    W = E + zero_experts
     flat = ids.astype(np.int64).ravel()
     counts = np.bincount(flat, minlength=E)[:E]
     total = max(T * k, 1)
@@ -64,7 +67,7 @@ def layer_stats(ids: np.ndarray, weights: np.ndarray, num_experts: int, logits: 
 
     if logits is not None and T:
         probs = _softmax(logits)
-        P = probs.mean(axis=0)
+        P = probs.mean(axis=0)[:E]
         lb_source = "logits"
         router_entropy = float(_entropy_bits(probs).mean())
     else:
@@ -76,8 +79,8 @@ def layer_stats(ids: np.ndarray, weights: np.ndarray, num_experts: int, logits: 
     if k >= 2 and T:
         s = np.sort(ids.astype(np.int64), axis=1)
         a_idx, b_idx = np.triu_indices(k, 1)
-        codes = (s[:, a_idx] * E + s[:, b_idx]).ravel()
-        pc = np.bincount(codes, minlength=E * E)
+        codes = (s[:, a_idx] * W + s[:, b_idx]).ravel()
+        pc = np.bincount(codes, minlength=W * W).reshape(W, W)[:E, :E].ravel()  # pairs of routed experts
         top = np.argsort(-pc, kind="stable")[:top_pairs]
         for code in top:
             c = int(pc[code])
@@ -105,6 +108,8 @@ def layer_stats(ids: np.ndarray, weights: np.ndarray, num_experts: int, logits: 
         "top_pairs": pairs,
         "unused_experts": [int(i) for i in np.flatnonzero(counts == 0)],
     }
+    if zero_experts:  # the share of choices that computed nothing: measured active routed experts = k x (1 - share)
+        out["zero_expert_share"] = round(float((flat >= E).sum()) / total, 6)
     return out
 
 
@@ -116,7 +121,8 @@ def summarize(trace, top_pairs: int = TOP_PAIRS, token_view_limit: int = TOKEN_V
     E, k = trace.num_experts, trace.top_k
     layers = []
     for L in trace.moe_layers:
-        st = layer_stats(trace.experts[L], trace.weights[L], E, trace.logits.get(L), top_pairs=top_pairs)
+        st = layer_stats(trace.experts[L], trace.weights[L], E, trace.logits.get(L), top_pairs=top_pairs,
+                         zero_experts=trace.zero_experts)
         layers.append({"layer": int(L), **st})
     T = trace.tokens
     decode = int(trace.decode.sum()) if T else 0
@@ -161,6 +167,11 @@ def summarize(trace, top_pairs: int = TOP_PAIRS, token_view_limit: int = TOKEN_V
         },
         "token_view": token_view(trace) if 0 < T <= token_view_limit else None,
     }
+    if trace.zero_experts:
+        share = mean_of("zero_expert_share")
+        out["zero_experts"] = trace.zero_experts
+        out["overall"]["zero_expert_share"] = share
+        out["overall"]["routed_experts_per_token"] = None if share is None else round(k * (1 - share), 4)
     return out
 
 

@@ -517,6 +517,16 @@ def _plan_outputs(ckpt: Checkpoint, plan: SurgeryPlan) -> tuple[list[tuple[Path,
             layer_plan = plan.layers.get(kind.layer)
             if layer_plan is None:
                 raise MoetoolError(f"{ent.name}: an expert tensor of layer {kind.layer}, which is not a MoE layer of this config")
+            zero = ckpt.rc.zero_experts
+            if kind.kind == "expert" and kind.expert >= ckpt.rc.num_experts:
+                # a zero-computation expert's rows (LongCat): kept, numbered after the output's routed experts
+                if kind.expert >= ckpt.rc.router_width:
+                    raise MoetoolError(f"{ent.name}: expert {kind.expert} is beyond the config's "
+                                       f"{ckpt.rc.router_width} router rows")
+                out_name = kind.template.replace("{E}", str(len(layer_plan) + kind.expert - ckpt.rc.num_experts))
+                outs.append(_copy_tensor(ckpt, ent, out_name))
+                stats["renamed"] += 1
+                continue
             if kind.kind == "expert":
                 for j, o in enumerate(layer_plan):
                     if o.anchor != kind.expert:
@@ -536,8 +546,12 @@ def _plan_outputs(ckpt: Checkpoint, plan: SurgeryPlan) -> tuple[list[tuple[Path,
                     if not any(kind.expert in o.sources for o in layer_plan):
                         stats["dropped"] += 1
                 continue
-            # rows / fused: one row per input expert (dim 0, or after dimensions of size 1)
+            # rows / fused: one row per input expert (dim 0, or after dimensions of size 1); a router that
+            # also scores zero-computation experts has their rows after the routed ones: kept, in order
             axis = expert_axis(ent.shape, ckpt.rc.num_experts)
+            if axis is None and zero:
+                axis = expert_axis(ent.shape, ckpt.rc.router_width)
+                layer_plan = layer_plan + [OutExpert([ckpt.rc.num_experts + z]) for z in range(zero)]
             if axis is None:
                 raise MoetoolError(f"{ent.name}: expected {ckpt.rc.num_experts} rows (one per expert), "
                                    f"shape is {list(ent.shape)}")

@@ -94,6 +94,17 @@ class ResolvedConfig:
         raise AttributeError(key)
 
     @property
+    def zero_experts(self) -> int:
+        """Zero-computation (identity) experts the router scores beside the routed ones (LongCat-Flash):
+        router rows and indices num_experts .. num_experts + zero_experts - 1; choosing one computes nothing."""
+        return int(self.fields.get("zero_experts", 0) or 0)
+
+    @property
+    def router_width(self) -> int:
+        """Rows of the router: one per routed expert and one per zero-computation expert."""
+        return int(self.num_experts) + self.zero_experts
+
+    @property
     def mtp_layers(self) -> int:
         return int(self.fields.get("mtp_layers", 0) or 0)
 

@@ -55,6 +55,15 @@ def render_params(report: dict) -> None:
         + f"; {human_count(arch['params_per_expert'])} params per expert per layer; {arch['scoring']} scoring"
         + (f", group-limited ({arch['topk_group']} of {arch['n_group']} groups)" if (arch.get("n_group") or 1) > 1 else ""),
     ]
+    if "active_min" in report:
+        lines.append(f"zero-computation experts ({arch['zero_experts']} beside the {arch['routed_experts']} routed): active "
+                     f"per token is {human_count(report['active_min'])} to {human_count(report['active'])} "
+                     f"({human_count(report['active_min_without_embeddings'])} to "
+                     f"{human_count(report['active_without_embeddings'])} without the input embedding), by how many "
+                     "of its choices are zero experts; `moetool trace` measures that share")
+    if report.get("unused_expert_params"):
+        lines.append(f"zero-computation experts' gate/up rows on disk (in total, never computed): "
+                     f"{report['unused_expert_params']:,}")
     if report["mtp_params"]:
         lines.append(f"multi-token-prediction layers (not in total): {report['mtp_params']:,}")
     if report["scale_params"]:
@@ -91,6 +100,8 @@ def render_params(report: dict) -> None:
         )
     for line in lines:
         con.print(line)
+    for note in report.get("notes", []):
+        con.print(f"[dim]note:[/] {note}")
     for warning in report["warnings"]:
         con.print(f"[yellow]warning:[/] {warning}")
     if "layers" in report:

@@ -63,6 +63,10 @@ def render_trace(s: dict) -> None:
         "(% of log2 E), routing = mean over tokens of the top-k weight mix. LB loss = E * sum f_i P_i "
         f"(1.0 = balanced), P from {'softmax of the router logits' if src == 'logits' else 'the recorded top-k weights (no --logits)'}.[/]"
     )
+    if s.get("zero_experts"):
+        con.print(f"zero-computation experts ({s['zero_experts']} beside the {s['num_experts']} routed ones): "
+                  f"{_fmt(o['zero_expert_share'], '.1%')} of the top-{s['top_k']} choices computed nothing, so a "
+                  f"token ran {_fmt(o['routed_experts_per_token'])} routed experts on average")
     _render_load(con, s)
     if s.get("token_view"):
         _render_tokens(con, s)

@@ -117,8 +117,9 @@ class RoutingRecorder(Observer):
         self.blocks = moe_blocks(loaded)
         self.moe_layers = [L for L, *_ in self.blocks]
         self.k, self.E = int(self.rc.top_k), int(self.rc.num_experts)
+        self.width = self.rc.router_width  # router rows: routed experts, then zero-computation ones
         self.want_logits = logits
-        self.id_dtype = torch.uint8 if self.E <= 256 else torch.int16
+        self.id_dtype = torch.uint8 if self.width <= 256 else torch.int16
         self.buffers: dict[int, list] = {L: [] for L in self.moe_layers}
         self.logit_buffers: dict[int, list] = {L: [] for L in self.moe_layers}
         self.rows: dict[int, dict] = {L: {} for L in self.moe_layers}  # layer -> key -> (ids, w, lg)
@@ -161,7 +162,7 @@ class RoutingRecorder(Observer):
         import torch
 
         buf, lbuf = self.buffers[L], self.logit_buffers[L]
-        k, E, id_dtype, want_logits = self.k, self.E, self.id_dtype, self.want_logits
+        k, E, id_dtype, want_logits = self.k, self.width, self.id_dtype, self.want_logits
 
         def hook(module, args, output):
             if self._busy():
@@ -195,7 +196,7 @@ class RoutingRecorder(Observer):
         if n_group > 1 and int(self.rc.fields.get("topk_group") or n_group) < n_group:
             raise MoetoolError("this model's router returns only logits; moetool cannot re-derive group-limited routing")
         self.recomputed = True
-        probs = torch.softmax(logits.detach().reshape(-1, self.E).float(), dim=-1)
+        probs = torch.softmax(logits.detach().reshape(-1, self.width).float(), dim=-1)
         w, ids = torch.topk(probs, self.k, dim=-1)
         renorm = self.rc.names.get("norm_topk_prob", self.rc.family.name == "mixtral")
         if renorm:
@@ -362,9 +363,18 @@ class ExpertProbe(Observer):
         import torch
 
         n = x.shape[0]
-        index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
-        ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
-        return module(x, index, ones)
+        if not getattr(module, "_moetool_two_slots", False):
+            index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
+            ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
+            try:
+                return module(x, index, ones)
+            except (ValueError, RuntimeError):  # LongCat's experts squeeze a top-1 routing away: fails
+                module._moetool_two_slots = True
+        # the same expert in two slots, weights 1 and 0: f_e(x) + 0 * f_e(x) = f_e(x) exactly
+        index = torch.full((n, 2), e, dtype=torch.long, device=x.device)
+        weights = torch.zeros((n, 2), dtype=x.dtype, device=x.device)
+        weights[:, 0] = 1
+        return module(x, index, weights)
 
     def _reap(self, L, module, hidden, idx, w, valid):
         routed = idx.long()
