@@ -249,3 +249,47 @@ def test_unknown_dtype_refused_for_merging(tmp_path):
     bad = dataclasses.replace(ent, dtype="I8")
     with pytest.raises(MoetoolError, match="float"):
         surgery._require_float(bad)
+
+
+def test_prefixed_mtp_weights_are_counted_apart_and_dropped(tmp_path):
+    """Qwen3-Next / Qwen3.5 checkpoints keep their multi-token-prediction module under mtp.* (a decoder
+    layer with its own experts, fc and norms) beside the model that transformers builds (it ignores them).
+    params counts them as MTP parameters, not "unknown"; prune drops them and sets the config's MTP
+    layer count to 0, so the output's experts are never out of step with its MTP layer."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from moetool.analysis.params import count_params
+    from moetool.compression.prune import prune_checkpoint
+
+    src = tmp_path / "qwen3-next-mtp"
+    shutil.copytree(FIXTURES / "tiny-qwen3-next", src)
+    config = json.loads((src / "config.json").read_text())
+    H, E = config["hidden_size"], config["num_experts"]
+    mtp = {"mtp.fc.weight": torch.randn(H, 2 * H), "mtp.norm.weight": torch.ones(H),
+           "mtp.pre_fc_norm_hidden.weight": torch.ones(H), "mtp.layers.0.mlp.gate.weight": torch.randn(E, H)}
+    for e in range(E):
+        mtp[f"mtp.layers.0.mlp.experts.{e}.down_proj.weight"] = torch.randn(H, 4)
+    save_file(mtp, str(src / "model-mtp.safetensors"), metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({n: "model-mtp.safetensors" for n in mtp})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    config["mtp_num_hidden_layers"] = 1
+    (src / "config.json").write_text(json.dumps(config))
+
+    plain = count_params(str(FIXTURES / "tiny-qwen3-next"))
+    report = count_params(str(src))
+    assert report["warnings"] == []  # every tensor classified
+    assert report["mtp_params"] == sum(t.numel() for t in mtp.values())
+    assert report["total"] == plain["total"] and report["roles"] == plain["roles"]
+    from moetool.analysis.trace import trace_model
+
+    assert trace_model(str(src), ["mtp weights beside the model"])[0].tokens > 0  # loads: transformers ignores mtp.*
+
+    result = prune_checkpoint(str(src), str(tmp_path / "out"), keep=E // 2, by="random", seed=1, progress=False)
+    assert result["config_changes"]["mtp_num_hidden_layers"] == {"from": 1, "to": 0}
+    out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert not [n for n in out_index["weight_map"] if n.startswith("mtp.")]
+    assert count_params(str(tmp_path / "out"))["warnings"] == []

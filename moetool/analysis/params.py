@@ -83,7 +83,7 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
         params = _logical_params(e, names)
         d["params"] += params
         layer_match = _LAYER_RX.match(e.name)
-        if layer_match and int(layer_match.group(1)) >= rc.num_layers:
+        if (layer_match and int(layer_match.group(1)) >= rc.num_layers) or fam.is_mtp_name(e.name):
             mtp += params
             continue
         base = e.name[: -len("_blocks")] if e.name.endswith("_blocks") else e.name
@@ -109,7 +109,7 @@ def _count_disk(rc: ResolvedConfig, path: Path, config_report: dict, per_layer: 
             warnings.append(
                 f"disk and config disagree on {role}: {counts['total']:,} on disk, {expected:,} from config.json"
             )
-    if mtp != config_report["mtp_params"]:
+    if mtp != config_report["mtp_params"] and not fam.mtp_prefixes:  # prefixed MTP weights: no config count
         warnings.append(
             f"disk and config disagree on multi-token-prediction layers: {mtp:,} on disk, "
             f"{config_report['mtp_params']:,} from config.json"

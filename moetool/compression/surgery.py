@@ -244,6 +244,8 @@ def _spec_index(family) -> dict[str, dict]:
 def classify(ckpt: Checkpoint, name: str) -> Kind:
     """What NAME is for surgery (see the module docstring)."""
     fam, rc = ckpt.family, ckpt.rc
+    if fam.is_mtp_name(name):
+        return Kind("mtp", _layer_of(name))
     specs = getattr(ckpt, "_specs", None)
     if specs is None:
         specs = ckpt._specs = _spec_index(fam)

@@ -165,6 +165,15 @@ class Family:
         return self.spec.get("level", "curated")
 
     @property
+    def mtp_prefixes(self) -> tuple[str, ...]:
+        """Name prefixes of multi-token-prediction weights kept apart from the model's layers (Qwen3-Next's
+        ``mtp.``): not part of the model transformers builds; counted as MTP parameters, dropped by surgery."""
+        return tuple(self.spec.get("mtp_prefixes", ()))
+
+    def is_mtp_name(self, name: str) -> bool:
+        return bool(self.mtp_prefixes) and name.startswith(self.mtp_prefixes)
+
+    @property
     def runtime_layouts(self) -> list[dict]:
         return self.spec["runtime"]["layouts"]
 
