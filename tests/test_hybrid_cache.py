@@ -78,3 +78,56 @@ def test_plan_counts_kv_only_for_attention_layers():
     report = plan("nemotron-3-nano-30b-a3b", gpus=0, context=context, batch=batch).report
     n_attn, kv, n_state, state = HAND["nemotron-3-nano-30b-a3b"]
     assert report["kv_cache_bytes"] == kv * context * batch + state * batch
+
+
+# sliding-window attention: a sliding layer caches at most its window, a fixed size per sequence; only full
+# attention layers grow with the context. preset -> (full layers, KV bytes per token, sliding layers, window,
+# sliding KV bytes per sequence), worked out by hand from the published configs
+SLIDING = {
+    # gpt-oss-120b: 36 layers alternating sliding (window 128) / full; 8 KV heads x 64 -> 2 x 8 x 64 x 2 bytes
+    "gpt-oss-120b": (18, 18 * 2 * 8 * 64 * 2, 18, 128, 18 * 128 * 2 * 8 * 64 * 2),
+    # Gemma 4 26B A4B: 30 layers, every 6th full; full layers K = V with 2 global KV heads x 512 (transformers
+    # caches keys and values both); sliding layers 8 KV heads x 256, window 1024
+    "gemma-4-26b-a4b": (5, 5 * 2 * 2 * 512 * 2, 25, 1024, 25 * 1024 * 2 * 8 * 256 * 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLIDING))
+def test_sliding_window_kv_by_hand(name):
+    n_full, kv, n_sliding, window, per_sequence = SLIDING[name]
+    r = count_params(name, context=4096)
+    c = r["kv_cache_bytes_per_token"]
+    assert (c["full_attention_layers"], c["bf16"], c["sliding_window_layers"], c["windows"],
+            c["sliding_bf16_per_sequence"]) == (n_full, kv, n_sliding, [window], per_sequence)
+
+
+def test_sliding_window_attention_flops_and_plan_kv():
+    from moetool.analysis.plan import plan
+
+    r = count_params("gpt-oss-120b", context=4096)
+    # 64 heads x 64 for QK^T and again for AV; full layers over 4096 tokens, sliding ones over 128
+    assert r["flops_per_token"]["attention"] == 2 * (18 * 4096 + 18 * 128) * 2 * 64 * 64
+    context, batch = 1000, 2
+    report = plan("gpt-oss-120b", gpus=0, context=context, batch=batch).report
+    assert report["kv_cache_bytes"] == (18 * context + 18 * 128) * 2 * 8 * 64 * 2 * batch
+
+
+@pytest.mark.parametrize("model", ["gpt-oss-20b", "gemma-4-26b-a4b", "mixtral-8x7b", "phi-3.5-moe",
+                                   str(FIXTURES / "tiny-gpt-oss"), str(FIXTURES / "tiny-gemma4")])
+def test_sliding_windows_are_transformers_layer_types(model):
+    """The family's window rule picks exactly the layers transformers' own config makes sliding-window
+    attention, with its window (transformers fills layer_types in when a config has none)."""
+    from moetool.checkpoint.source import resolve
+    from moetool.families.derive import hf_config_for
+    from moetool.families.resolve import resolve_family
+
+    source = resolve(model)
+    rc = resolve_family(source)
+    hf = hf_config_for(source.config)
+    hf = getattr(hf, "text_config", None) or hf
+    types = getattr(hf, "layer_types", None)
+    if types:
+        want = [hf.sliding_window if t == "sliding_attention" else 0 for t in types]
+    else:  # Mixtral, PhiMoE: a sliding_window, when set, applies to every layer
+        want = [hf.sliding_window or 0] * rc.num_layers
+    assert [rc.attention_window(L) for L in range(rc.num_layers)] == want

@@ -126,8 +126,17 @@ def architecture_summary(rc: ResolvedConfig) -> dict:
 def kv_cache_per_token(rc: ResolvedConfig, bytes_per_element: int = 2) -> dict:
     """KV cache bytes per token of context. Only softmax-attention layers cache keys and values that grow with
     the context (hybrids: Mamba and linear-attention layers keep a fixed state instead, ``fixed_state``)."""
-    n_attn = len(rc.attention_layers)
-    out = {"bf16": n_attn * rc.kv_elements_per_layer * bytes_per_element, "attention_layers": n_attn}
+    attention = rc.attention_layers
+    n_attn = len(attention)
+    sliding = [L for L in attention if rc.attention_window(L)]
+    full = [L for L in attention if not rc.attention_window(L)]
+    out = {"bf16": sum(rc.kv_elements(L) for L in full) * bytes_per_element, "attention_layers": n_attn}
+    if sliding:  # sliding-window layers keep at most their window: a fixed size per sequence, not per token
+        out["full_attention_layers"] = len(full)
+        out["sliding_window_layers"] = len(sliding)
+        out["windows"] = sorted({rc.attention_window(L) for L in sliding})
+        out["sliding_bf16_per_sequence"] = sum(rc.attention_window(L) * rc.kv_elements(L)
+                                               for L in sliding) * bytes_per_element
     compressed = rc.fields.get("kv_elements_per_layer_compressed")
     if compressed:
         # MLA: serving engines cache the compressed latent + rope key; transformers caches
@@ -153,8 +162,10 @@ def fixed_state(rc: ResolvedConfig, bytes_per_element: int = 2) -> dict | None:
 
 def flops_per_token(rc: ResolvedConfig, active_matmul_params: int, context: int) -> dict:
     """Forward FLOPs for one token: 2 x activated matmul weights, plus attention over ``context``
-    previous tokens (QK^T and AV, 2 FLOPs per multiply-add) in the softmax-attention layers."""
-    attention = 2 * len(rc.attention_layers) * context * (rc.attn_qk_width + rc.attn_v_width)
+    previous tokens (QK^T and AV, 2 FLOPs per multiply-add) in the softmax-attention layers (a
+    sliding-window layer over at most its window)."""
+    attended = sum(min(context, rc.attention_window(L) or context) for L in rc.attention_layers)
+    attention = 2 * attended * (rc.attn_qk_width + rc.attn_v_width)
     return {
         "matmul": 2 * active_matmul_params,
         "attention": attention,

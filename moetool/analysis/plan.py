@@ -84,7 +84,9 @@ def model_layout(rc, context: int, batch: int) -> Layout:
         for p in PRECISIONS:
             target[p] += mem[p]
     E = int(rc.num_experts)
-    kv_layer = int(rc.kv_elements_per_layer) * KV_BYTES * context * batch
+    def kv_layer(L: int) -> int:  # a sliding-window layer caches at most its window
+        return rc.kv_elements(L) * KV_BYTES * min(context, rc.attention_window(L) or context) * batch
+
     # hybrids: only softmax-attention layers cache keys and values; Mamba / linear-attention layers keep a
     # fixed state per sequence (counted where the family describes its size)
     attention = set(rc.attention_layers)
@@ -95,7 +97,7 @@ def model_layout(rc, context: int, batch: int) -> Layout:
     units = [Unit("model", k, None, dict(model_units[k])) for k in first]
     expert_bytes = {}
     for L in range(rc.num_layers):
-        cache = (kv_layer if L in attention else 0) + (state_layer if L in state else 0)
+        cache = (kv_layer(L) if L in attention else 0) + (state_layer if L in state else 0)
         units.append(Unit("layer", f"model.layers.{L}", L, dict(rest[L]), kv=cache))
         if L in routed:
             units.append(Unit("experts", f"model.layers.{L} experts", L, dict(routed[L])))

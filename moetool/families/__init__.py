@@ -130,6 +130,16 @@ class ResolvedConfig:
         ``cache.attention_layer`` says otherwise (Mamba and linear-attention layers do not)."""
         return [i for i in range(self.num_layers) if self._cache_rule("attention_layer", i, True)]
 
+    def attention_window(self, layer: int) -> int:
+        """Tokens the KV cache of attention layer LAYER holds at most (a sliding window), 0 for no limit:
+        the family's ``cache.window`` rule."""
+        return int(self._cache_rule("window", layer, 0) or 0)
+
+    def kv_elements(self, layer: int) -> int:
+        """KV-cache elements per token of attention layer LAYER: the family's ``cache.kv_elements`` rule
+        (layers of different shapes, layers that share another's cache) or ``kv_elements_per_layer``."""
+        return int(self._cache_rule("kv_elements", layer, self.fields["kv_elements_per_layer"]))
+
     @cached_property
     def state_layers(self) -> list[int]:
         """Layers that keep a fixed-size state per sequence instead (Mamba, linear attention)."""

@@ -77,6 +77,11 @@ def render_params(report: dict) -> None:
     kv_line = f"KV cache per token: {human_bytes(kv['bf16'])} at bf16"
     if "mla_compressed_bf16" in kv:
         kv_line += f" as transformers caches it, {human_bytes(kv['mla_compressed_bf16'])} MLA-compressed"
+    if "sliding_window_layers" in kv:
+        windows = "/".join(f"{w:,}" for w in kv["windows"])
+        kv_line += (f" in {kv['full_attention_layers']} full-attention layers; {kv['sliding_window_layers']} "
+                    f"sliding-window layers ({windows} tokens) hold at most {human_bytes(kv['sliding_bf16_per_sequence'])}"
+                    " per sequence")
     state = report.get("fixed_state_bytes_per_sequence")
     if state:
         kv_line += f" ({kv['attention_layers']} attention layers)"
