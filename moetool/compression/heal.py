@@ -397,12 +397,9 @@ def down_orientation(experts, hidden: int, inter: int, sample) -> str:
 
 
 def _call_expert(experts, x, e: int):
-    import torch
+    from moetool.runtime.observers import run_expert
 
-    n = x.shape[0]
-    idx = torch.full((n, 1), e, dtype=torch.long, device=x.device)
-    ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
-    return _block_out(experts(x, idx, ones))
+    return _block_out(run_expert(experts, x, e))
 
 
 def _with_down(experts, e: int, matrix, fn):

@@ -103,6 +103,26 @@ def split_router_output(output, k: int, E: int):
     return ids, w, lg
 
 
+def run_expert(experts, x, e: int):
+    """Expert E of the experts module EXPERTS on every token of X (each routed to E alone, weight 1),
+    through the module's own forward."""
+    import torch
+
+    n = x.shape[0]
+    if not getattr(experts, "_moetool_two_slots", False):
+        index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
+        ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
+        try:
+            return experts(x, index, ones)
+        except (ValueError, RuntimeError):  # LongCat's experts squeeze a top-1 routing away: fails
+            experts._moetool_two_slots = True
+    # the same expert in two slots, weights 1 and 0: f_e(x) + 0 * f_e(x) = f_e(x) exactly
+    index = torch.full((n, 2), e, dtype=torch.long, device=x.device)
+    weights = torch.zeros((n, 2), dtype=x.dtype, device=x.device)
+    weights[:, 0] = 1
+    return experts(x, index, weights)
+
+
 class RoutingRecorder(Observer):
     """Routing of every MoE layer; ``take`` keeps a forward's valid rows on the CPU under a key
     (batch index, decode step), ``result`` concatenates them in key order."""
@@ -360,21 +380,7 @@ class ExpertProbe(Observer):
         return hook
 
     def _run(self, module, x, e: int):
-        import torch
-
-        n = x.shape[0]
-        if not getattr(module, "_moetool_two_slots", False):
-            index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
-            ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
-            try:
-                return module(x, index, ones)
-            except (ValueError, RuntimeError):  # LongCat's experts squeeze a top-1 routing away: fails
-                module._moetool_two_slots = True
-        # the same expert in two slots, weights 1 and 0: f_e(x) + 0 * f_e(x) = f_e(x) exactly
-        index = torch.full((n, 2), e, dtype=torch.long, device=x.device)
-        weights = torch.zeros((n, 2), dtype=x.dtype, device=x.device)
-        weights[:, 0] = 1
-        return module(x, index, weights)
+        return run_expert(module, x, e)
 
     def _reap(self, L, module, hidden, idx, w, valid):
         routed = idx.long()
