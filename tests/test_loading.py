@@ -39,9 +39,12 @@ def test_load_and_find_moe_blocks(fixture):
     for L, block, router, experts in blocks:
         # mlp, feed_forward, Nemotron-H's mixer, Gemma 4's decoder layer itself
         assert block is lm.model.get_submodule(layout["block"].replace("{L}", str(L)))
-        assert router_weight(router, lm.rc.num_experts).shape == (lm.rc.num_experts, lm.rc.hidden_size)
+        # one router row per expert, zero-computation ones (LongCat) after the routed ones
+        W, E = lm.rc.router_width, lm.rc.num_experts
+        assert router_weight(router, W).shape == (W, lm.rc.hidden_size)
         fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
-        assert fused and all(p.shape[0] == lm.rc.num_experts for p in fused)  # gate_up/down, Nemotron-H's up/down
+        # gate_up/down, Nemotron-H's up/down; LongCat: gate_up rows for its zero experts too
+        assert fused and all(p.shape[0] in (E, W) for p in fused) and any(p.shape[0] == E for p in fused)
     info = lm.load_info()
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     buffers = sum(b.numel() * b.element_size() for n, b in lm.model.named_buffers())
