@@ -105,3 +105,56 @@ def test_prune_keeps_the_zero_experts_after_the_kept_ones(tmp_path, config):
             np.testing.assert_array_equal(tensors[f"{pre}experts.{5 + z}.gate_proj.weight"],
                                           original[f"{pre}experts.{E + z}.gate_proj.weight"])
             assert f"{pre}experts.{5 + z}.down_proj.weight" not in tensors
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, config):
+    """tiny-longcat-flash in the published layout: without the zero experts' gate/up rows."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("longcat") / "published"
+    out.mkdir()
+    E = config["n_routed_experts"]
+    index = json.loads((FX / "model.safetensors.index.json").read_text())
+    kept = {}
+    for f in sorted(set(index["weight_map"].values())):
+        with safe_open(FX / f, "pt") as s:
+            tensors = {n: s.get_tensor(n) for n in s.keys()
+                       if not (".experts." in n and int(n.split(".experts.")[1].split(".")[0]) >= E)}
+        save_file(tensors, str(out / f), metadata={"format": "pt"})
+        kept.update({n: f for n in tensors})
+    assert len(kept) < len(index["weight_map"])
+    index["weight_map"] = kept
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    for f in FX.iterdir():
+        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+            (out / f.name).write_bytes(f.read_bytes())
+        elif f.name.startswith("tokenizer"):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def test_published_layout_counts_like_the_published_model(published):
+    from moetool.analysis.params import count_params
+
+    report = count_params(str(published))
+    assert report["warnings"] == [] and "unused_expert_params" not in report
+    assert report["total"] == count_params(str(FX / "config.json"))["total"]
+
+
+def test_published_layout_is_streamed_and_routes_like_save_pretrained(published):
+    from moetool.analysis.trace import record_trace
+    from moetool.errors import MoetoolError
+    from moetool.runtime.loading import load_model
+
+    with pytest.raises(MoetoolError, match="--stream") as exc:
+        load_model(str(published))  # whole: transformers' size mismatch, said in one line
+    assert "\n" not in str(exc.value)
+    streamed = load_model(str(published), stream=None)  # chosen by itself
+    assert streamed.layer_reader is not None
+    a = record_trace(streamed, [TEXT])
+    b = record_trace(load_model(str(FX)), [TEXT])
+    for L in a.moe_layers:
+        np.testing.assert_array_equal(a.experts[L], b.experts[L])
+        np.testing.assert_allclose(a.weights[L].astype(np.float32), b.weights[L].astype(np.float32), atol=1e-3)

@@ -256,7 +256,7 @@ def load_model(
         raise MoetoolError("choose one of --load-in-4bit and --load-in-8bit")
     from moetool.checkpoint.checks import check_weights
 
-    check_weights(model, source.path, rc, allow_pickle=allow_pickle)
+    entries = check_weights(model, source.path, rc, allow_pickle=allow_pickle)
     if (load_in_4bit or load_in_8bit) and not _has_module("bitsandbytes"):
         raise MoetoolError("4-bit/8-bit loading needs bitsandbytes, which is not installed (pip install bitsandbytes)")
 
@@ -271,6 +271,15 @@ def load_model(
     if stream and no_layerwise:
         raise MoetoolError(f"{model}: a {rc.family.name} model cannot run one layer at a time: {no_layerwise} "
                            "(run it with --no-stream)")
+    unloadable = _zero_expert_rows_missing(rc, entries)
+    if unloadable and not stream:
+        if stream is False or no_layerwise:
+            raise MoetoolError(f"{model}: {unloadable}; transformers cannot load it whole: run it with --stream "
+                               "(the layer reader fills those never-used rows with zeros)")
+        from moetool.errors import warn
+
+        warn(f"{model}: {unloadable}; running it one layer at a time, which fills those never-used rows with zeros")
+        stream = True
     if stream is None:
         stream = not no_layerwise and _choose_stream(model, source, budget, device_map, load_in_4bit or load_in_8bit)
     run = {"run_dir": run_dir, "resume": bool(resume)}
@@ -388,6 +397,19 @@ def check_loading_info(model: str, info: dict) -> None:
     errors = [str(e) for e in (info.get("error_msgs") or ())]
     if errors:
         raise MoetoolError(f"{model}: cannot load: {errors[0].strip().splitlines()[0]}")
+
+
+def _zero_expert_rows_missing(rc, entries) -> str | None:
+    """Why transformers cannot load this checkpoint whole, when its model allocates rows for the
+    zero-computation experts (LongCat-Flash's gate/up) that the checkpoint, as published, lacks."""
+    if not rc.zero_experts or not entries:
+        return None
+    for name in entries:
+        m = rc.family.classify(name)
+        if m is not None and m.expert is not None and m.expert >= rc.num_experts:
+            return None  # save_pretrained's layout: the rows are there
+    return (f"the checkpoint has no expert rows for its {rc.zero_experts} zero-computation experts (the published "
+            "layout), which transformers' model allocates")
 
 
 def _choose_stream(model: str, source, budget: dict | None, device_map, quantized: bool) -> bool:

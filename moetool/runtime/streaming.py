@@ -200,6 +200,12 @@ class LayerReader:
                 if all(len(experts.get(p, {})) == E for p in projs):
                     plan[name] = ("fuse", [tuple(experts[p][e] for p in projs) for e in range(E)], leaf)
                     continue
+                routed = int(self.rc.num_experts)
+                if E == self.rc.router_width > routed and all(len(experts.get(p, {})) == routed for p in projs):
+                    # rows transformers allocates for zero-computation experts (never used), not on disk: zeros
+                    plan[name] = ("fuse", [tuple(experts[p][e] for p in projs) for e in range(routed)]
+                                  + [None] * (E - routed), leaf)
+                    continue
             conv, first, pairs = self.loader_sources().get(target, (None, None, []))
             if conv is None and len(pairs) == 1:  # renamed on load
                 plan[name] = ("copy", self.entries[pairs[0][1]])
@@ -274,6 +280,9 @@ class LayerReader:
                 rows = sum(p[0] for p in parts)
                 t = torch.empty((len(src), rows, *parts[0][1:]), dtype=getattr(torch, _DTYPES[first[0].dtype]))
                 for e, ents in enumerate(src):
+                    if ents is None:  # a zero-computation expert's rows: never used
+                        t[e].zero_()
+                        continue
                     at = 0
                     for ent in ents:
                         n = ent.shape[0]
