@@ -1290,7 +1290,9 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         seqs = calibration_ids(loaded.tokenizer, texts, max_tokens)
         store = LayerStore(spill)
         t0 = time.perf_counter()
-        signature = {"model": from_fp, "ref": {"name": ref, "fingerprint": ref_fp}}
+        signature = {"model": from_fp, "ref": {"name": ref, "fingerprint": ref_fp},  # --stream may change on resume
+                     "load": {"dtype": loaded.dtype, "quantization": loaded.quantization, "ref_dtype": ref_loaded.dtype,
+                              "ref_quantization": ref_loaded.quantization}}
         layers = heal_models(ref_loaded, loaded, seqs, opts, batch_size=batch_size, log=log, ckpt=ckpt, store=store,
                              signature=signature)
         fit_seconds = time.perf_counter() - t0
