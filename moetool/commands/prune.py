@@ -22,7 +22,8 @@ from moetool.commands._loading_options import calibration_options, loading_optio
               help="Group-limited routing (DeepSeek n_group): turn it off (n_group = topk_group = 1) instead of "
                    "keeping the same number of experts per group.")
 @click.option("--heal", is_flag=True,
-              help="Then heal the result against MODEL on the same --file text (moetool heal, default settings).")
+              help="Then heal the result against MODEL on the same --file text (moetool heal, default settings); "
+                   "with --run-dir the heal is checkpointed there too and --resume continues it.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 @loading_options
