@@ -99,6 +99,26 @@ def test_layer_reader_builds_what_transformers_converts_on_load():
                                               for e in range(len(src))]
 
 
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v4", "tiny-nemotron-h"])
+def test_transformers_conversion_builds_the_experts_the_fuse_does(name, monkeypatch):
+    """With the family's per-expert fuse switched off, every fused experts tensor comes from
+    transformers' own conversion ops (MergeModulelist, then Concatenate for gate_up_proj) and equals
+    what transformers' loader put there: the two ways agree."""
+    from moetool.runtime.streaming import LayerReader
+
+    fx = str(FIXTURES / name)
+    ref = resident(fx).model.state_dict()
+    monkeypatch.setattr(LayerReader, "_expert_entries", lambda self, layer: {})
+    reader = load_model(fx, stream=True).layer_reader
+    converted = 0
+    for i in range(len(reader.layers)):
+        kinds = {n: k[0] for n, k in reader.plan(i).items()}
+        converted += sum(k == "convert" for k in kinds.values())
+        for n, t in reader.read(i).items():
+            assert torch.equal(t, ref[f"{reader.prefix}.{i}.{n}"]), n
+    assert converted > 0
+
+
 def test_buffers_computed_at_construction_are_rebuilt_from_the_config_or_refused():
     """A layer's non-persistent buffer is rebuilt by its owner's class from the config (its values are
     those the class computes); an owner whose class needs more than the config is a one-line error."""

@@ -446,9 +446,10 @@ def _materialise_outside_layers(model, reader: LayerReader, config, device) -> N
         state = {}
         for name in list(own_p) + sorted(persistent):
             full = f"{mname}.{name}" if mname else name
-            ent = reader.entry_for(full)
+            head = tied and module is model.get_output_embeddings()  # the input embeddings' weight, tied below
+            ent = reader.entry_for(full, loader=not head)  # (no index of transformers' conversions for a tied head)
             if ent is None:
-                if tied and module is model.get_output_embeddings():
+                if head:
                     continue
                 raise MoetoolError(f"{reader.path}: no tensor for {full} in the checkpoint")
             want = own_p.get(name, own_b.get(name))
