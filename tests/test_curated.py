@@ -69,7 +69,10 @@ VARIANTS = {
                      {"moe_layer_start_index": 0, "moe_layer_interval": 2, "moe_layer_end_index": 2,
                       "moe_num_shared_experts": 2}],
     "deepseek_v32": _MLA + [{"index_n_heads": 16, "index_head_dim": 64}],
-    "glm_moe_dsa": _MLA + [{"index_n_heads": 8}],
+    "glm_moe_dsa": _MLA + [{"index_n_heads": 8},  # shared DSA layers have no indexer of their own
+                           {"indexer_types": ["full", "shared", "full", "shared", "shared"]},
+                           {"indexer_types": ABSENT, "index_topk_freq": 2, "index_skip_topk_offset": 1},
+                           {"indexer_types": ABSENT, "index_topk_pattern": "FSSFS"}],
     "glm4_moe_lite": [{}, {"q_lora_rank": None}, {"attention_bias": True, "first_k_dense_replace": 2,
                                                   "qk_rope_head_dim": 32, "v_head_dim": 96}],
     "glm4_moe": [

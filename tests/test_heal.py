@@ -14,9 +14,8 @@ from tests.conftest import FIXTURES, assert_one_line_error, run_cli
 CALIB = FIXTURES / "corpus" / "train-prose.txt"
 FAST = dict(router_steps=3, experts_steps=3, holdout=0.0)  # 200 tokens of a random model: no held-out check
 # fixtures whose family heal refuses, with the words of its one-line refusal
-NOT_HEALED = {"tiny-llama4": "takes only hidden states",  # experts get every token, pre-scaled by routing
-              "tiny-glm-moe-dsa": "one layer at a time",  # layers pass the indexer's top-k to the next
-              "tiny-gemma4": "one layer at a time"}  # the MoE block is the decoder layer itself
+NOT_HEALED = {"tiny-llama4": "takes only hidden states"}  # experts get every token, pre-scaled by routing
+# (tiny-gemma4: its MoE block is the decoder layer itself, refused by its family's runtime.heal_unsupported)
 
 
 def _calib(tmp_path: Path, chars: int = 6000) -> Path:
@@ -184,12 +183,6 @@ def test_heal_observer_sees_what_each_block_gets_in_the_models_own_forward(tiny_
     obs = HealObserver(loaded, loaded, HealOptions())
     got = {}
     obs.heal = lambda L, x, opts=None: got.__setitem__(L, x)  # collect only: heal nothing
-    if NOT_HEALED.get(tiny_fixture.name) == "one layer at a time":
-        from moetool.errors import MoetoolError
-
-        with pytest.raises(MoetoolError, match="one layer at a time"):
-            Executor(loaded, batch_size=3, mode="layerwise").run(seqs, [obs])
-        return
     Executor(loaded, batch_size=3, mode="layerwise").run(seqs, [obs])
     want = {}
     def keep(L):
@@ -264,11 +257,12 @@ def test_heal_works_on_every_family(tiny_fixture, tmp_path):
         assert refusal in str(exc.value) and not pruned.exists()
         return
     _prune_for(tiny_fixture, pruned)
-    if family.layerwise_unsupported:  # Gemma 4: the MoE block is the decoder layer; heal says so in one line
+    why = family.layerwise_unsupported or family.heal_unsupported
+    if why:  # Gemma 4: the MoE block is the decoder layer; heal says so in one line
         with pytest.raises(MoetoolError, match="cannot heal") as exc:
             heal_checkpoint(str(pruned), str(tiny_fixture), str(_calib(tmp_path)), str(tmp_path / "healed"),
                             max_tokens=200, options=HealOptions(**FAST), progress=False)
-        assert "\n" not in str(exc.value) and not (tmp_path / "healed").exists()
+        assert "\n" not in str(exc.value) and why in str(exc.value) and not (tmp_path / "healed").exists()
         return
     before = _tensors(pruned)
     stamp = {p.name: p.stat().st_mtime_ns for p in pruned.iterdir()}

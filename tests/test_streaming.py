@@ -26,7 +26,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "def forward(self, hidd
 
 
 # fixtures whose family refuses here, with the words of its one-line refusal
-NO_LAYERWISE = {"tiny-glm-moe-dsa": "cannot run one layer at a time"}  # layers pass the indexer's top-k on
+NO_LAYERWISE: dict[str, str] = {}  # (glm_moe_dsa's layers pass the indexer's top-k on: carried by the executor)
 NO_EXPERT_PROBE = {"tiny-llama4": "takes only hidden states"}  # experts get every token, pre-scaled
 
 
@@ -424,6 +424,116 @@ def test_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
     a = json.loads((tmp_path / "full.json").read_text())
     b = json.loads((tmp_path / "resumed.json").read_text())
     assert a == b
+
+
+def test_buffers_computed_at_construction_are_rebuilt_by_transformers_init_or_refused():
+    """A non-persistent buffer beside weights read from disk (Gemma 4's embedding scale) is built
+    the way transformers' loader builds it (empty, then the model's _init_weights); one that
+    _init_weights does not set is a one-line error naming it, never uninitialised memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moetool.errors import MoetoolError
+    from moetool.runtime.hf_compat import init_computed_buffers
+
+    cfg = AutoConfig.from_pretrained(FIXTURES / "tiny-gemma4")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    emb = model.model.embed_tokens
+    assert init_computed_buffers(model, emb, torch.device("cpu")) == ["embed_scale"]
+    assert float(emb.embed_scale) == pytest.approx(cfg.hidden_size ** 0.5) and emb.weight.device.type == "meta"
+    assert float(emb.embed_scale) == float(resident(str(FIXTURES / "tiny-gemma4")).model.model.embed_tokens.embed_scale)
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    with torch.device("meta"):
+        odd = Odd()
+    with pytest.raises(MoetoolError, match="buffer table is computed at construction") as exc:
+        init_computed_buffers(model, odd, torch.device("cpu"))
+    assert "\n" not in str(exc.value)
+
+
+# -- values a layer hands to the next (GLM-5's shared indexer layers) ---------------------------------------------
+@pytest.fixture(scope="module")
+def glm_shared_indexer(tmp_path_factory) -> Path:
+    """tiny-glm-moe-dsa with layers 1 and 2 "shared" (indexer_types): they have no indexer of their own and
+    attend to the top-k keys the previous layer hands them (prev_topk_indices), as GLM-5's shared DSA layers
+    do; their indexer tensors are left out, as transformers builds such layers without them."""
+    from safetensors.torch import load_file, save_file
+
+    src = FIXTURES / "tiny-glm-moe-dsa"
+    dst = tmp_path_factory.mktemp("glm") / "tiny-glm-moe-dsa-shared"
+    dst.mkdir()
+    types = ["full", "shared", "shared"]
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["indexer_types"] = types
+
+    def drop(name):
+        return any(name.startswith(f"model.layers.{L}.self_attn.indexer.") for L, t in enumerate(types) if t != "full")
+
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v for k, v in load_file(str(f)).items() if not drop(k)}, str(dst / f.name),
+                      metadata={"format": "pt"})
+        elif f.name == "model.safetensors.index.json":
+            idx = json.loads(f.read_text())
+            idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if not drop(k)}
+            (dst / f.name).write_text(json.dumps(idx))
+        elif f.name == "config.json":
+            (dst / f.name).write_text(json.dumps(cfg))
+        else:
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_values_a_layer_hands_to_the_next_are_carried_layer_by_layer(glm_shared_indexer, tmp_path):
+    """The executor finds, in the model's own forward, that each layer's prev_topk_indices is the
+    previous layer's second output, and passes the real one on: a streamed trace and eval of the
+    shared-indexer model equal the resident ones, which differ from the all-"full" model's."""
+    from moetool.analysis.evaluate import evaluate_models
+    from moetool.analysis.trace import record_trace
+    from moetool.runtime.executor import Executor
+    from moetool.runtime.observers import RoutingRecorder
+
+    fx = str(glm_shared_indexer)
+    lm = load_model(fx, stream=True)
+    ex = Executor(lm, batch_size=2)
+    ex.run([lm.tokenizer(t)["input_ids"] for t in TEXTS], [RoutingRecorder(lm)])
+    assert ex.out_arity == 2
+    assert ex.carry == {1: [("prev_topk_indices", 0, 1)], 2: [("prev_topk_indices", 1, 1)]}
+    ref = record_trace(resident(fx), TEXTS, logits=True, batch_size=2)
+    got = record_trace(load_model(fx, stream=True), TEXTS, logits=True, batch_size=2)
+    _same_routing(ref, got)
+    for L in ref.moe_layers:
+        np.testing.assert_allclose(got.logits[L].astype(np.float32), ref.logits[L].astype(np.float32), atol=1e-3)
+    full = record_trace(resident(str(FIXTURES / "tiny-glm-moe-dsa")), TEXTS, logits=True, batch_size=2)
+    assert any(np.abs(full.logits[L].astype(np.float32) - ref.logits[L].astype(np.float32)).max() > 0.1
+               for L in ref.moe_layers)  # the handed-on top-k matters: a lost one would show
+    f = tmp_path / "text.txt"
+    f.write_text(" ".join(TEXTS * 4))
+    a = evaluate_models([fx], str(f), seq_len=16, batch_size=3, progress=False)["models"][0]
+    b = evaluate_models([fx], str(f), seq_len=16, batch_size=3, progress=False,
+                        load_options={"stream": True})["models"][0]
+    assert b["nll"] == pytest.approx(a["nll"], rel=1e-6, abs=1e-7)
+
+
+def test_handed_on_values_survive_a_kill_and_resume(glm_shared_indexer, tmp_path):
+    """Killed by SIGKILL in layer 1, the checkpoint holds layer 0's top-k for layer 1 beside the
+    hidden states; the resumed run equals an uninterrupted one exactly."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fx = glm_shared_indexer
+    full = _child([fx, tmp_path / "a", 0, -1, tmp_path / "full.json"], env)
+    assert full.returncode == 0, full.stderr
+    killed = _child([fx, tmp_path / "b", 0, 1, tmp_path / "never.json"], env)
+    assert killed.returncode == -signal.SIGKILL
+    state = json.loads(next((tmp_path / "b").rglob("state.json")).read_text())
+    assert state["next_layer"] == 1
+    assert all(keys == [[0, 1, True]] for keys in state["carried"].values()) and len(state["carried"]) == 3
+    resumed = _child([fx, tmp_path / "b", 1, -1, tmp_path / "resumed.json"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "full.json").read_text()) == json.loads((tmp_path / "resumed.json").read_text())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

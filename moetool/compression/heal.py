@@ -1265,6 +1265,8 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
     if rc.family.layerwise_unsupported:
         raise MoetoolError(f"cannot heal a {rc.family.name} model: heal runs it one layer at a time, and "
                            f"{rc.family.layerwise_unsupported}")
+    if rc.family.heal_unsupported:
+        raise MoetoolError(f"cannot heal a {rc.family.name} model: {rc.family.heal_unsupported}")
     texts = read_texts((), file)
     load_options = dict(load_options or {})
     run_dir, resume = load_options.pop("run_dir", None), bool(load_options.pop("resume", False))

@@ -198,6 +198,11 @@ class Family:
         return self.spec["runtime"].get("layerwise_unsupported")
 
     @property
+    def heal_unsupported(self) -> str | None:
+        """Why heal cannot repair the model's MoE blocks (it calls each block with hidden states alone), or None."""
+        return self.spec["runtime"].get("heal_unsupported")
+
+    @property
     def stream_unsupported(self) -> str | None:
         """Why the layer reader cannot build the model's layers from its checkpoint (--stream only: the model runs
         layer by layer in memory, as heal does), or None."""

@@ -19,10 +19,13 @@ with every decoder layer replaced by a stub that records the arguments the model
 (hidden states, masks by layer type, position ids and rotary embeddings, cache off) and stops
 at the last layer; then each decoder layer runs over every batch with exactly those
 arguments, and its weights are read from disk just before (a streamed model) and freed after.
+Values a layer hands to a later one besides the hidden states (GLM-5's indexer top-k) are found
+in that same pass (the stubs return placeholders where the model's loop takes more outputs) and
+carried: the real outputs are kept per batch beside the hidden states and passed there.
 When an observer needs logits, a last forward runs the model's own final norm and head on the
 last layer's outputs (stubs return them). Hidden states stay in memory, or in a run directory
 on disk when ``max_memory`` says they do not fit; with a ``run_dir`` every finished layer is
-checkpointed (observer state and the next layer's inputs, written atomically) and ``resume``
+checkpointed (observer state and the next layer's inputs, carried values included, written atomically) and ``resume``
 continues from the last one.
 """
 
@@ -187,6 +190,12 @@ class Executor:
         if "output_router_logits" in fkw:  # the auxiliary loss is training's business
             self._extra_kw["output_router_logits"] = False
         self._has_logits_to_keep = "logits_to_keep" in fkw
+        # layerwise: what the model's loop takes from a layer (None: the hidden states alone; K: a K-tuple)
+        # and which arguments of a layer are outputs of an earlier one ({layer: [(where, source, index)]})
+        self.out_arity: int | None = None
+        self._arity_known = False
+        self.carry: dict[int, list] = {}
+        self._last_use: dict[tuple, int] = {}
         self.stats: dict[str, Any] = {}
 
     # -- devices and batches ----------------------------------------------------------------------------
@@ -331,39 +340,128 @@ class Executor:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
 
-    def _capture(self, batch: Batch):
-        """(hidden states entering layer 0, per layer (args, kwargs)) for BATCH, by the model's own forward."""
-        n = len(self._layers())
-        seen: dict = {}
-
-        def stub(i, hidden, args, kwargs):
-            if i == 0:
-                seen["h"] = hidden
-            seen[i] = (args, kwargs)
-            if i == n - 1:
-                raise _Stop
-            return hidden
-
-        self.busy = True  # hooks on the layers must not take the stubs' pass for a real one
-        try:
-            with self._stubs(stub):
-                try:
-                    self.forward(batch, logits=False)
-                except _Stop:
-                    pass
-                except (TypeError, ValueError) as exc:  # the model wants more than hidden states back
-                    raise MoetoolError("the model's decoder layers pass more than hidden states to each other "
-                                       f"({first_line(exc)}); it cannot run one layer at a time: run it with "
-                                       "--no-stream") from exc
-        finally:
-            self.busy = False
-        if "h" not in seen or (n - 1) not in seen:
-            raise MoetoolError("the model did not call its decoder layers as expected; run it with --no-stream")
-        return seen["h"], [seen[i] for i in range(n)]
-
-    def _run_layerwise(self, observers, prog, total: int) -> None:
+    def _stub_output(self, hidden, i: int, slots: dict | None = None):
+        """What a stub for layer I returns in place of the real layer: HIDDEN alone, or (HIDDEN, one
+        placeholder per further output) when the layers return a tuple (``self.out_arity``)."""
         import torch
 
+        if self.out_arity is None:
+            return hidden
+        marks = tuple(torch.empty(0) for _ in range(self.out_arity - 1))
+        if slots is not None:
+            for k, t in enumerate(marks, start=1):
+                slots[id(t)] = (t, i, k)
+        return (hidden, *marks)
+
+    def _capture(self, batch: Batch):
+        """(hidden states entering layer 0, per layer (args, kwargs)) for BATCH, by the model's own forward.
+
+        The stubs return what the model's loop expects of a layer: the hidden states alone, or a tuple
+        whose further items are placeholders (GLM-5's layers return the attention indexer's top-k with
+        the hidden states). The first shape for which every layer gets the previous layer's hidden
+        states unchanged is the one; where a placeholder comes back as an argument of a later layer,
+        that argument is carried: the layerwise loop passes the real output there (``self.carry``)."""
+        n = len(self._layers())
+        shapes = [self.out_arity] if self._arity_known else [None, 1, 2, 3, 4]
+        first_error = None
+        for arity in shapes:
+            self.out_arity = arity
+            seen: dict = {}
+            outs: dict = {}
+            slots: dict = {}
+
+            def stub(i, hidden, args, kwargs):
+                seen[i] = (hidden, args, kwargs)
+                if i == n - 1:
+                    raise _Stop
+                outs[i] = self._stub_output(hidden, i, slots)
+                return outs[i]
+
+            self.busy = True  # hooks on the layers must not take the stubs' pass for a real one
+            try:
+                with self._stubs(stub):
+                    try:
+                        self.forward(batch, logits=False)
+                    except _Stop:
+                        pass
+                    except Exception as exc:  # noqa: BLE001 - the model wants other outputs of its layers
+                        first_error = first_error or exc
+                        continue
+            finally:
+                self.busy = False
+            if len(seen) != n:
+                raise MoetoolError("the model did not call its decoder layers as expected; run it with --no-stream")
+            chained = all(seen[i][0] is (outs[i - 1] if arity is None else outs[i - 1][0]) for i in range(1, n))
+            if not chained:
+                first_error = first_error or ValueError("a layer's hidden states are not the previous layer's "
+                                                         "output")
+                continue
+            carry = self._carried(seen, slots, n)
+            if carry is None:
+                first_error = first_error or ValueError("a layer's output is passed on inside another value")
+                continue
+            if self._arity_known and carry != self.carry:
+                raise MoetoolError("the model passes its layers' outputs on differently from one batch to the next; "
+                                   "it cannot run one layer at a time: run it with --no-stream")
+            self.carry, self._arity_known = carry, True
+            return seen[0][0], [seen[i][1:] for i in range(n)]
+        raise MoetoolError("the model's decoder layers pass more than hidden states to each other "
+                           f"({first_line(first_error) if first_error else 'unknown shape'}); it cannot run one "
+                           "layer at a time: run it with --no-stream")
+
+    @staticmethod
+    def _carried(seen: dict, slots: dict, n: int):
+        """{layer: [(argument position or keyword, source layer, output index)]}: the arguments of each
+        layer that are outputs of an earlier one (placeholders the stubs returned); None when a
+        placeholder is inside another value (a tuple, a dict), which cannot be swapped."""
+        import torch
+
+        carry: dict[int, list] = {}
+        for i in range(n):
+            _h, args, kwargs = seen[i]
+            for where, v in [(j, a) for j, a in enumerate(args)] + sorted(kwargs.items()):
+                if isinstance(v, torch.Tensor) and id(v) in slots and slots[id(v)][0] is v:
+                    _t, src, k = slots[id(v)]
+                    carry.setdefault(i, []).append((where, src, k))
+                elif _holds_slot(v, slots):
+                    return None
+        return {i: sorted(c, key=str) for i, c in carry.items()}
+
+    def _layer_args(self, b: int, L: int, carried: dict):
+        """(args, kwargs) of layer L for batch B: the captured ones with carried outputs in place."""
+        a, kw = self.args[b][L]
+        feeds = self.carry.get(L)
+        if not feeds:
+            return a, kw
+        a, kw = list(a), dict(kw)
+        for where, src, k in feeds:
+            v = carried.get((src, k))
+            if isinstance(where, int):
+                a[where] = v
+            else:
+                kw[where] = v
+        return tuple(a), kw
+
+    def _split_output(self, L: int, out, carried: dict):
+        """(hidden states, the values carried past layer L) from layer L's real output."""
+        if self.out_arity is None:
+            if isinstance(out, tuple):  # a layer returning a tuple the model's loop takes as one value
+                raise MoetoolError(f"layer {L} returned {len(out)} values where the model's loop takes one; "
+                                   "it cannot run one layer at a time: run it with --no-stream")
+            h = out
+        else:
+            if not isinstance(out, tuple) or len(out) != self.out_arity:
+                raise MoetoolError(f"layer {L} returned other values than the model's loop takes; it cannot run one "
+                                   "layer at a time: run it with --no-stream")
+            h = out[0]
+        keep = {key: v for key, v in carried.items() if self._last_use.get(key, -1) > L}
+        if self.out_arity is not None:
+            for k in range(1, self.out_arity):
+                if self._last_use.get((L, k), -1) > L:
+                    keep[(L, k)] = out[k]
+        return h, keep
+
+    def _run_layerwise(self, observers, prog, total: int) -> None:
         rc = getattr(self.loaded, "rc", None)
         why = rc.family.layerwise_unsupported if rc is not None else None
         if why:
@@ -372,6 +470,7 @@ class Executor:
         layers = self._layers()
         n = len(layers)
         need = any(o.needs_logits for o in observers)
+        self.out_arity, self._arity_known, self.carry = None, False, {}
         store = _Store(self, n)
         start = 0
         if self.resume:
@@ -383,7 +482,11 @@ class Executor:
             h, per_layer = self._capture(b)
             args.append(per_layer)
             if start == 0:
-                store.put(b.index, h)
+                store.put(b.index, h, {})
+        self._last_use = {}  # (source layer, output index) -> the last layer that takes it
+        for L, feeds in self.carry.items():
+            for _where, src, k in feeds:
+                self._last_use[(src, k)] = max(self._last_use.get((src, k), -1), L)
         store.swap()
         reader = self.reader
         if reader is not None:
@@ -397,9 +500,9 @@ class Executor:
             layer = layers[L]
             for b in self.batches:
                 self.current = b
-                a, kw = args[b.index][L]
-                out = layer(store.get(b.index), *a, **kw)
-                store.put(b.index, out[0] if isinstance(out, tuple) else out)
+                h, carried = store.get(b.index)
+                a, kw = self._layer_args(b.index, L, carried)
+                store.put(b.index, *self._split_output(L, layer(h, *a, **kw), carried))
                 for o in observers:
                     o.batch_end(b, L, None)
                 task.advance(b.tokens)
@@ -410,9 +513,9 @@ class Executor:
                 self.busy = True
                 try:
                     for b in self.batches:
-                        a, kw = args[b.index][L]
-                        out = layer(store.get(b.index), *a, **kw)
-                        store.put(b.index, out[0] if isinstance(out, tuple) else out)
+                        h, carried = store.get(b.index)
+                        a, kw = self._layer_args(b.index, L, carried)
+                        store.put(b.index, *self._split_output(L, layer(h, *a, **kw), carried))
                 finally:
                     self.busy = False
             if reader is not None:
@@ -424,11 +527,11 @@ class Executor:
             task.update(info="head")
 
             def stub(i, hidden, a, kw):
-                return final if i == n - 1 else hidden
+                return self._stub_output(final if i == n - 1 else hidden, i)
 
             with self._stubs(stub):
                 for b in self.batches:
-                    final = store.get(b.index)
+                    final = store.get(b.index)[0]
                     self.busy = True
                     try:
                         out = self.forward(b, logits=True)
@@ -441,7 +544,15 @@ class Executor:
         self.stats["bytes_read"] = getattr(reader, "bytes_read", 0) if reader is not None else 0
         self.stats["activation_store"] = store.kind
         store.close()
-        _ = torch
+
+
+def _holds_slot(v, slots: dict) -> bool:
+    """True when V (a tuple, list or dict, at any depth) holds one of the stubs' placeholders."""
+    if isinstance(v, (tuple, list)):
+        return any(_holds_slot(x, slots) for x in v)
+    if isinstance(v, dict):
+        return any(_holds_slot(x, slots) for x in v.values())
+    return id(v) in slots and slots[id(v)][0] is v
 
 
 class _Store:
@@ -478,23 +589,31 @@ class _Store:
     def _path(self, which: str, i: int) -> Path:
         return self.dir / which / f"batch-{i:06d}.safetensors"
 
-    def put(self, i: int, t) -> None:
+    def put(self, i: int, t, carried: dict | None = None) -> None:
+        """Batch I's inputs of the next layer: hidden states T and CARRIED {(source layer, output index):
+        value} (outputs of earlier layers a later one takes; a None value is kept as None)."""
+        carried = carried or {}
         if self.kind == "disk":
             from safetensors.torch import save_file
 
             p = self._path("next", i)
             p.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"h": t.detach().contiguous().cpu()}, str(p))
+            save_file({"h": t.detach().contiguous().cpu(), **_carried_tensors(carried)}, str(p),
+                      metadata={"carried": json.dumps(_carried_keys(carried))})
             self.nxt[i] = p
         else:
-            self.nxt[i] = t
+            self.nxt[i] = (t, carried)
 
     def get(self, i: int):
+        """(hidden states, carried values) entering this layer for batch I."""
         v = self.cur[i]
         if self.kind == "disk":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            return load_file(str(v))["h"].to(self.ex.device)
+            with safe_open(str(v), framework="pt") as f:
+                keys = json.loads((f.metadata() or {}).get("carried", "[]"))
+                h = f.get_tensor("h").to(self.ex.device)
+                return h, _carried_from(keys, {k: f.get_tensor(k) for k in f.keys() if k != "h"}, self.ex.device)
         return v
 
     def swap(self) -> None:
@@ -520,10 +639,14 @@ class _Store:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors = {}
+        carried_keys = {}
         for i in self.cur:
-            h = self.get(i)
+            h, carried = self.get(i)
             tensors[f"h.{i}"] = h.detach().contiguous().cpu()
-        meta: dict = {"next_layer": next_layer, "batches": len(self.ex.batches), "observers": []}
+            tensors.update({f"c.{i}.{k}": v for k, v in _carried_tensors(carried).items()})
+            carried_keys[str(i)] = _carried_keys(carried)
+        meta: dict = {"next_layer": next_layer, "batches": len(self.ex.batches), "observers": [],
+                      "carried": carried_keys}
         for k, o in enumerate(observers):
             t, m = o.state()
             for name, v in t.items():
@@ -572,12 +695,37 @@ class _Store:
             o.load_state({name[len(pre):]: v for name, v in tensors.items() if name.startswith(pre)},
                          meta["observers"][k])
         for b in self.ex.batches:
-            self.put(b.index, tensors[f"h.{b.index}"].to(self.ex.device))
+            pre = f"c.{b.index}."
+            carried = _carried_from(meta.get("carried", {}).get(str(b.index), []),
+                                    {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, self.ex.device)
+            self.put(b.index, tensors[f"h.{b.index}"].to(self.ex.device), carried)
         return int(meta["next_layer"])
 
     def close(self) -> None:
         if getattr(self, "_own_dir", False) and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _carried_keys(carried: dict) -> list:
+    """[[source layer, output index, has a tensor], ...] of CARRIED, for a file's JSON metadata."""
+    return [[src, k, carried[(src, k)] is not None] for src, k in sorted(carried)]
+
+
+def _carried_tensors(carried: dict) -> dict:
+    """CARRIED's tensors by name ``{source}.{index}`` (None values are named in the keys only)."""
+    out = {}
+    for (src, k), v in carried.items():
+        if v is None:
+            continue
+        if not hasattr(v, "detach"):
+            raise MoetoolError(f"layer {src} passes a {type(v).__name__} to a later layer; it cannot be kept between "
+                               "layers: run it with --no-stream")
+        out[f"{src}.{k}"] = v.detach().contiguous().cpu()
+    return out
+
+
+def _carried_from(keys: list, tensors: dict, device) -> dict:
+    return {(int(src), int(k)): (tensors[f"{src}.{k}"].to(device) if has else None) for src, k, has in keys}
 
 
 def _slug(name: str) -> str:

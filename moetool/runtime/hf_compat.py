@@ -75,6 +75,52 @@ def mark_initialized(module) -> None:
     module._is_hf_initialized = True
 
 
+def init_computed_buffers(model, module, device, recurse: bool = True) -> list[str]:
+    """MODULE's non-persistent buffers still on the meta device (computed at construction, never
+    on disk: rotary tables, a scaled embedding's factor) built on DEVICE the way transformers' own
+    loader builds them: an empty tensor of the buffer's shape and dtype, then the model's
+    ``_init_weights`` on the module that owns it. Done twice from two different fills: a buffer
+    that ``_init_weights`` does not set is an error naming it, never uninitialised memory. Only
+    buffers are made; parameters still on meta stay there (initialising them there is a no-op).
+    Returns the names of the buffers built."""
+    import torch
+
+    from moetool.errors import MoetoolError
+
+    init = getattr(model, "_init_weights", None)
+    built: list[str] = []
+    mods = module.named_modules() if recurse else [("", module)]
+    for mname, sub in list(mods):
+        names = [b for b in sorted(sub._non_persistent_buffers_set)
+                 if sub._buffers.get(b) is not None and sub._buffers[b].device.type == "meta"]
+        if not names:
+            continue
+        full = [f"{mname}.{b}" if mname else b for b in names]
+        if init is None:
+            raise MoetoolError(f"buffer {full[0]} is computed at construction and this model has no "
+                               "_init_weights to rebuild it")
+        runs = []
+        for fill in (0, 1):
+            for b in names:
+                sub._buffers[b] = torch.full_like(sub._buffers[b], fill, device=device)
+            try:
+                init(sub)
+            except Exception as exc:  # noqa: BLE001 - transformers' own code: one line, never a traceback
+                raise MoetoolError(f"buffer {full[0]} is computed at construction and transformers' "
+                                   f"_init_weights cannot rebuild it here ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            runs.append([sub._buffers[b].clone() for b in names])
+        for name, x, y in zip(full, *runs):
+            same = x.eq(y)
+            if x.dtype.is_floating_point:
+                same |= x.isnan() & y.isnan()
+            if not bool(same.all()):
+                raise MoetoolError(f"buffer {name} is computed at construction and transformers' _init_weights "
+                                   "does not rebuild it")
+        built.extend(full)
+    return built
+
+
 # -- accelerate: offload hooks (AlignDevicesHook attributes: offload, weights_map, execution_device) ------
 # and transformers' experts dispatch (@use_experts_implementation keeps the class's own forward as
 # forward.__wrapped__; accelerate's hook calls module._old_forward)

@@ -424,7 +424,8 @@ def _stream_device(device_map):
 
 def _materialise_outside_layers(model, reader: LayerReader, config, device) -> None:
     """Embeddings, final norm, head (tied or not) and modules whose buffers are computed at
-    construction (rotary tables: rebuilt with the model's config) go to DEVICE."""
+    construction (rotary tables: rebuilt with the model's config; such buffers beside weights read
+    from disk: by transformers' ``_init_weights``, as its loader does) go to DEVICE."""
     import torch
 
     prefix = reader.prefix + "."
@@ -443,6 +444,13 @@ def _materialise_outside_layers(model, reader: LayerReader, config, device) -> N
             parent, _, leaf = mname.rpartition(".")
             (model.get_submodule(parent) if parent else model).__setattr__(leaf, fresh)
             continue
+        if set(own_b) - persistent:  # computed at construction beside loaded weights (Gemma 4's embedding scale)
+            from moetool.runtime.hf_compat import init_computed_buffers
+
+            try:
+                init_computed_buffers(model, module, device, recurse=False)
+            except MoetoolError as exc:
+                raise MoetoolError(f"{reader.path}: cannot stream this model: {mname}: {exc}") from None
         state = {}
         for name in list(own_p) + sorted(persistent):
             full = f"{mname}.{name}" if mname else name
