@@ -20,14 +20,16 @@ import torch
 from conftest import FIXTURES, ROOT, TINY, run_cli
 from moetool.runtime.loading import load_model
 
-ALL = TINY + sorted(p for p in FIXTURES.glob("trained-*") if p.is_dir())
+SMALL = TINY + sorted(p for p in FIXTURES.glob("derived-*") if p.is_dir())  # every tiny fixture family
+ALL = SMALL + sorted(p for p in FIXTURES.glob("trained-*") if p.is_dir())
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def forward(self, hidden_states):",
          "Mixture-of-experts models route every token to a few experts, and the rest stay idle."]
 
 
 # fixtures whose family refuses here, with the words of its one-line refusal
 NO_LAYERWISE: dict[str, str] = {}  # (glm_moe_dsa's layers pass the indexer's top-k on: carried by the executor)
-NO_EXPERT_PROBE = {"tiny-llama4": "takes only hidden states"}  # experts get every token, pre-scaled
+NO_EXPERT_PROBE = {"tiny-llama4": "takes only hidden states",  # experts get every token, pre-scaled
+                   "derived-jetmoe": "takes only hidden states"}  # its experts take tokens grouped by expert
 
 
 @lru_cache(maxsize=None)
@@ -164,7 +166,7 @@ def test_streamed_trace_routes_every_token_like_the_resident_model(fixture):
         np.testing.assert_allclose(got.logits[L].astype(np.float32), ref.logits[L].astype(np.float32), atol=1e-3)
 
 
-@pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
+@pytest.mark.parametrize("fixture", SMALL, ids=[p.name for p in SMALL])
 def test_streamed_reap_and_expert_outputs_match(fixture, tmp_path):
     from moetool.compression.prune import calibrate
     from moetool.errors import MoetoolError
@@ -189,7 +191,7 @@ def test_streamed_reap_and_expert_outputs_match(fixture, tmp_path):
         assert a.reap[L].max() > 0
 
 
-@pytest.mark.parametrize("fixture", TINY, ids=[p.name for p in TINY])
+@pytest.mark.parametrize("fixture", SMALL, ids=[p.name for p in SMALL])
 def test_streamed_eval_gives_the_same_loss(fixture, tmp_path):
     if _refused(fixture):
         return

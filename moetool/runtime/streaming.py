@@ -146,6 +146,7 @@ class LayerReader:
 
         out = []
         lays = self.rc.family.runtime_layouts
+        lays = [lay for lay in lays if "{L}" in lay["block"]]  # a layout of one fixed layer renames nothing
         for mem in lays:
             rx = "^" + re.escape(mem["block"]).replace(r"\{L\}", r"(\d+)") + r"\.(.+)$"
             m = re.match(rx, name)
