@@ -1269,9 +1269,8 @@ def heal_checkpoint(compressed: str, ref: str, file: str, out: str, max_tokens: 
         raise MoetoolError(f"cannot heal a {rc.family.name} model: {rc.family.heal_unsupported}")
     texts = read_texts((), file)
     load_options = dict(load_options or {})
+    # --resume without --run-dir: load_model's one-line error, before anything is loaded
     run_dir, resume = load_options.pop("run_dir", None), bool(load_options.pop("resume", False))
-    if resume and not run_dir:
-        raise MoetoolError("--resume needs --run-dir DIR (where the interrupted run kept its checkpoints)")
     stream = load_options.pop("stream", False)
     from moetool.checkpoint.fingerprint import model_fingerprint
 

@@ -132,8 +132,10 @@ class LayerReader:
         for alt in self._alternatives(target) + [self._disk_name(target)]:
             if alt in self.entries:
                 return self.entries[alt]
-        if not loader:
-            return None
+        return self._renamed_on_load(target) if loader else None
+
+    def _renamed_on_load(self, target: str):
+        """The one on-disk tensor transformers' loader renames (without converting) into TARGET, or None."""
         conv, _, pairs = self.loader_sources().get(target, (None, None, []))
         if conv is None and len(pairs) == 1:
             return self.entries[pairs[0][1]]
@@ -207,10 +209,11 @@ class LayerReader:
                     plan[name] = ("fuse", [tuple(experts[p][e] for p in projs) for e in range(routed)]
                                   + [None] * (E - routed), leaf)
                     continue
-            conv, first, pairs = self.loader_sources().get(target, (None, None, []))
-            if conv is None and len(pairs) == 1:  # renamed on load
-                plan[name] = ("copy", self.entries[pairs[0][1]])
+            src = self._renamed_on_load(target)
+            if src is not None:
+                plan[name] = ("copy", src)
                 continue
+            conv, first, pairs = self.loader_sources().get(target, (None, None, []))
             if conv is not None:  # transformers' own conversion on load (Concatenate, MergeModulelist, ...)
                 plan[name] = ("convert", conv, first, [(p, self.entries[k]) for p, k in pairs])
                 continue
